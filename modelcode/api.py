@@ -1,0 +1,43 @@
+"""`modelcode.load`: one call from a checkpoint folder to everything needed to use the model."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelcode.loading import load_model
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"tinystories-656k": ASSETS / "tinystories-656k"}  # models shipped inside the package
+DEFAULT_MODEL = "tinystories-656k"
+
+
+@dataclass
+class LM:
+    """A loaded causal language model."""
+
+    model: nn.Module
+    config: object
+    path: Path
+
+
+def resolve_path(path: str | Path | None) -> Path:
+    """A folder, or the exact name of an embedded model (no download ever happens)."""
+    if path is None:
+        path = DEFAULT_MODEL
+    if str(path) in EMBEDDED and not Path(path).exists():
+        return EMBEDDED[str(path)]
+    return Path(path)
+
+
+def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
+         device: str | torch.device = "cpu", preset: str | None = None) -> LM:
+    """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K).
+
+    dtype: default is the checkpoint's `torch_dtype`. preset: the exact name of a known shape for a
+    Meta folder whose params.json is not enough (see `modelcode.models.registry.PRESETS`).
+    """
+    folder = resolve_path(path)
+    model, config = load_model(folder, dtype=dtype, device=device, preset=preset)
+    return LM(model=model, config=config, path=folder)

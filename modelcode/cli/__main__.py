@@ -1,0 +1,28 @@
+"""`modelcode <command>`: each command is one typed `main(...)` function; its signature holds the
+defaults and its `Args:` docstring becomes `--help` (jsonargparse reads both)."""
+
+import importlib
+import sys
+
+# command -> module whose `main` implements it; imported only when that command runs.
+COMMANDS = {
+    "info": "modelcode.cli.info",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        fn = importlib.import_module(COMMANDS[argv[0]]).main
+        CLI(fn, args=argv[1:], prog=f"modelcode {argv[0]}")
+        return
+    lines = [f"  {name:<12}{(importlib.import_module(m).main.__doc__ or '').strip().splitlines()[0]}"
+             for name, m in COMMANDS.items()]
+    print("usage: modelcode <command> [--help]\n\ncommands:\n" + "\n".join(lines))
+    sys.exit(0 if argv in ([], ["--help"], ["-h"]) else 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Key/value caches: what attention has already computed for earlier positions.
+
+Every cache keeps one invariant that the attention mask relies on: the key stored in slot j of a
+sequence is the key of that sequence's position j. So sequences of different lengths can share a
+batch without left padding: each writes at its own positions, and `causal_mask` hides slots past a
+query's position (which also hides anything a padded prefill wrote there, before it is overwritten).
+
+The model never owns a cache: a caller creates one per generation (or per server slot set) and
+passes it to `forward`, which calls `update` once per layer.
+"""
+
+import torch
+
+
+class KVCache:
+    """Interface. `update` stores k, v (B, n_kv_heads, T, hd) at `positions` (B, T) for one layer and
+    returns all keys and values of that layer, (B, n_kv_heads, S, hd), slot j holding position j."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _write(buf: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> None:
+    """buf[b, :, positions[b, t]] = x[b, :, t] for every b, t, in place."""
+    batch = torch.arange(buf.shape[0], device=buf.device)[:, None]  # (B, 1)
+    buf[batch, :, positions] = x.transpose(1, 2)  # advanced indices first: (B, T, n_kv, hd)
+
+
+class ContiguousKVCache(KVCache):
+    """Grows as positions advance (capacity doubles, so appends are amortized O(1)).
+
+    The simple cache for one-off runs; returns exactly the slots written so far. Reading the largest
+    position costs a host sync once per forward pass, which is why compiled decoding uses
+    `StaticKVCache` instead.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # slots in use: largest position written + 1
+
+    def update(self, layer, k, v, positions):
+        if layer == 0:
+            self.length = max(self.length, int(positions.max()) + 1)
+        if self.k[layer] is None or self.k[layer].shape[2] < self.length:
+            self._grow(layer, k)
+        _write(self.k[layer], k, positions)
+        _write(self.v[layer], v, positions)
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+    def _grow(self, layer: int, like: torch.Tensor) -> None:
+        b, n_kv, _, hd = like.shape
+        capacity = max(self.length, 2 * (0 if self.k[layer] is None else self.k[layer].shape[2]))
+        for bufs in (self.k, self.v):
+            new = like.new_zeros(b, n_kv, capacity, hd)
+            if bufs[layer] is not None:
+                new[:, :, : bufs[layer].shape[2]] = bufs[layer]
+            bufs[layer] = new
+
+
+class StaticKVCache(KVCache):
+    """Preallocated for `max_seq_len` positions: fixed shapes and in-place writes, so a compiled
+    decode step never recompiles and CUDA graphs can replay it. Attends over all slots (masked)."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_seq_len = max_seq_len
+
+    def update(self, layer, k, v, positions):
+        _write(self.k[layer], k, positions)
+        _write(self.v[layer], v, positions)
+        return self.k[layer], self.v[layer]

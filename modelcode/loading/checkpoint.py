@@ -1,0 +1,73 @@
+"""Find and read the weight files of a checkpoint folder, exactly as downloaded from the hub.
+
+Formats, in order of preference: sharded safetensors (`model.safetensors.index.json`),
+`model.safetensors`, sharded or single `pytorch_model.bin`, and Meta's `consolidated.*.pth`.
+Tensors are read lazily, one at a time, from memory-mapped files, so peak memory stays near the size
+of the model itself. Pickle files are opened only with `torch.load(weights_only=True)`.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from modelcode.errors import CheckpointError
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin", "consolidated.*.pth")
+
+
+@dataclass
+class StoredTensor:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, in the format the hub would load first."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are not in the folder: {', '.join(missing)}; "
+                                      "download the missing files")
+            return [folder / s for s in shards]
+    for pattern in ("model.safetensors", "pytorch_model.bin", "consolidated.*.pth"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _safetensors(file: Path) -> Iterator[StoredTensor]:
+    try:
+        f = safe_open(file, framework="pt", device="cpu")
+        names = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt download? fetch the file again)") from e
+    for name in names:
+        yield StoredTensor(name, file, tuple(f.get_slice(name).get_shape()), lambda f=f, n=name: f.get_tensor(n))
+
+
+def _torch_pickle(file: Path) -> Iterator[StoredTensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt download? fetch the file again)") from e
+    for name, t in state.items():
+        yield StoredTensor(name, file, tuple(t.shape), lambda t=t: t)
+
+
+def read_tensors(files: list[Path]) -> Iterator[StoredTensor]:
+    """Every tensor of every file, lazily."""
+    for file in files:
+        yield from (_safetensors(file) if file.suffix == ".safetensors" else _torch_pickle(file))

@@ -1,0 +1,149 @@
+"""Build a model from a checkpoint folder: read its config, build the module on the meta device (no
+memory, no random init), then stream each stored tensor through the architecture's weight map into
+place, converted to the dtype and device asked for. Strict: unknown, missing or mis-shaped tensors
+are errors that name the tensor, the file and what was expected."""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from modelcode.errors import CheckpointError
+from modelcode.loading.checkpoint import StoredTensor, read_tensors, weight_files
+from modelcode.loading.weight_maps import compile_map, lookup
+from modelcode.loading.weight_maps.llama import merge_meta_shards
+from modelcode.models import registry
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, default: str | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or default or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_config(folder: Path, preset: str | None = None) -> tuple[registry.Architecture, object]:
+    """The architecture and config of a folder: `config.json` (Hugging Face) or `params.json` (Meta)."""
+    if preset is not None:
+        return registry.preset(preset)
+    if (folder / "config.json").exists():
+        hf = json.loads((folder / "config.json").read_text())
+        arch = registry.architecture(hf.get("model_type"))
+        return arch, arch.config_from_hf(hf)
+    if (folder / "params.json").exists():
+        return registry.META_LLAMA, registry.META_LLAMA.config_from_hf(json.loads((folder / "params.json").read_text()))
+    raise CheckpointError(f"no config.json (Hugging Face) or params.json (Meta) in {folder}; "
+                          f"pass a preset for a Meta folder: one of {', '.join(sorted(registry.PRESETS))}")
+
+
+def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               preset: str | None = None) -> tuple[nn.Module, object]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    arch, config = read_config(folder, preset)
+    stored = read_tensors(weight_files(folder))
+    if arch is registry.META_LLAMA:
+        stored = _merge_meta_shards(stored, config)
+    dtype = resolve_dtype(dtype, getattr(config, "torch_dtype", None))
+    with torch.device("meta"):
+        model = arch.model(config)
+    state = _map_state(stored, arch.weight_map, config, model)
+    _assign(model, state, dtype, torch.device(device))
+    return model.eval(), config
+
+
+def _merge_meta_shards(stored: list[StoredTensor], config) -> list[StoredTensor]:
+    """Join Meta's model-parallel shards, and take the vocabulary size from the weights if params.json
+    leaves it out (Llama 2 writes -1)."""
+    by_name: dict[str, list[StoredTensor]] = {}
+    for t in stored:
+        by_name.setdefault(t.name, []).append(t)
+    if config.vocab_size is None:
+        config.vocab_size = by_name["tok_embeddings.weight"][0].shape[0]
+    merged = []
+    for name, parts in by_name.items():
+        if len(parts) == 1:
+            merged.append(parts[0])
+            continue
+        t = merge_meta_shards(name, [p.read() for p in parts], config.vocab_size)
+        merged.append(StoredTensor(name, parts[0].file, tuple(t.shape), lambda t=t: t))
+    return merged
+
+
+def _map_state(stored: list[StoredTensor], weight_map: dict, config, model: nn.Module) -> dict:
+    """Checkpoint tensors -> {our canonical parameter name: tensor}, checked name by name."""
+    compiled = compile_map(weight_map)
+    canonical = _canonical_names(model)
+    expected = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for st in tqdm(stored, desc="loading weights", unit="tensor", delay=2.0, leave=False):
+        rule = lookup(compiled, st.name)
+        if rule is None:
+            raise CheckpointError(f"unknown tensor {st.name!r} in {st.file.name}: no rule in the weight map; "
+                                  "is config.json's model_type right for these weights?")
+        targets, transform = rule
+        values = _read(st, transform, config, len(targets))
+        for ours, value in zip(targets, values, strict=True):
+            if ours not in canonical:
+                raise CheckpointError(f"tensor {st.name!r} in {st.file.name} maps to {ours!r}, which this "
+                                      f"model does not have (check config.json, e.g. bias flags)")
+            name = canonical[ours]
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise CheckpointError(f"tensor {st.name!r} in {st.file.name} has shape {tuple(value.shape)}, "
+                                      f"but {ours!r} expects {tuple(expected[name].shape)} from the config")
+            state.setdefault(name, value)  # tied weights may be stored twice
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        hints = {ours: hf for hf, ours in weight_map.items() if isinstance(ours, str)}
+        named = ", ".join(f"{m!r} (stored as {hints.get(_pattern(m), '?')!r})" for m in missing[:5])
+        raise CheckpointError(f"{len(missing)} weight(s) missing from the checkpoint: {named}"
+                              + (" ..." if len(missing) > 5 else "")
+                              + "; if the output layer is tied to the embedding, set tie_word_embeddings")
+    return state
+
+
+def _read(st: StoredTensor, transform, config, n_targets: int) -> list:
+    """The tensor(s) one stored tensor becomes. Plain renames stay unread (only the shape is checked)."""
+    if n_targets == 0:
+        return []
+    if transform is None:
+        return [st]
+    out = transform(st.read(), config)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _pattern(name: str) -> str:
+    return ".".join("{}" if part.isdigit() else part for part in name.split("."))
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name -> the first name of the same Parameter (tied weights share one)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _assign(model: nn.Module, state: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """Put the loaded tensors in place of the meta parameters, keeping tied parameters tied."""
+    canonical = _canonical_names(model)
+    params = {name: nn.Parameter(_convert(t, dtype, device), requires_grad=False) for name, t in state.items()}
+    for name, canon in canonical.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, params[canon])
+    with torch.device(device):
+        for m in model.modules():
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+
+
+def _convert(t: "torch.Tensor | StoredTensor", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = t.read() if isinstance(t, StoredTensor) else t
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
