@@ -1,5 +1,6 @@
 """`modelcode.load`: one call from a checkpoint folder to everything needed to use the model."""
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,17 @@ class LM:
     config: object
     path: Path
 
+    @classmethod
+    def from_folder(cls, model: nn.Module, config, folder: Path) -> "LM":
+        return cls(model=model, config=config, path=folder)
+
+
+# Architecture.task -> the class `load` wraps the model in ("module:Class", imported when needed).
+# Each has `from_folder(model, config, folder)`, which reads what else the task needs from the folder.
+TASKS = {
+    "causal-lm": "modelcode.api:LM",
+}
+
 
 def resolve_path(path: str | Path | None) -> Path:
     """A folder, or the exact name of an embedded model (no download ever happens)."""
@@ -39,5 +51,6 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     Meta folder whose params.json is not enough (see `modelcode.models.registry.PRESETS`).
     """
     folder = resolve_path(path)
-    model, config = load_model(folder, dtype=dtype, device=device, preset=preset)
-    return LM(model=model, config=config, path=folder)
+    model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset)
+    module, _, name = TASKS[arch.task].partition(":")
+    return getattr(importlib.import_module(module), name).from_folder(model, config, folder)

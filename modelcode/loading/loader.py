@@ -45,7 +45,7 @@ def read_config(folder: Path, preset: str | None = None) -> tuple[registry.Archi
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               preset: str | None = None) -> tuple[nn.Module, object]:
+               preset: str | None = None) -> tuple[nn.Module, object, registry.Architecture]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
@@ -58,7 +58,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, devic
         model = arch.model(config)
     state = _map_state(stored, arch.weight_map, config, model)
     _assign(model, state, dtype, torch.device(device))
-    return model.eval(), config
+    return model.eval(), config, arch
 
 
 def _merge_meta_shards(stored: list[StoredTensor], config) -> list[StoredTensor]:
