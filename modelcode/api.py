@@ -31,6 +31,7 @@ class LM:
 # Each has `from_folder(model, config, folder)`, which reads what else the task needs from the folder.
 TASKS = {
     "causal-lm": "modelcode.api:LM",
+    "image-classification": "modelcode.tasks.classification:ImageClassifier",
 }
 
 

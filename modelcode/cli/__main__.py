@@ -7,6 +7,7 @@ import sys
 # command -> module whose `main` implements it; imported only when that command runs.
 COMMANDS = {
     "info": "modelcode.cli.info",
+    "classify": "modelcode.cli.classify",
 }
 
 

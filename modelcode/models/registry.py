@@ -11,8 +11,10 @@ from torch import nn
 
 from modelcode.errors import UnsupportedModelError
 from modelcode.loading.weight_maps import llama as llama_maps
+from modelcode.loading.weight_maps import vit as vit_maps
 from modelcode.models.llama import PRESETS as LLAMA_PRESETS
 from modelcode.models.llama import Llama, LlamaConfig
+from modelcode.models.vit import ViT, ViTConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(LlamaConfig.from_hf, Llama, llama_maps.HF),
     "mistral": Architecture(LlamaConfig.from_hf, Llama, llama_maps.HF),
     "qwen2": Architecture(partial(LlamaConfig.from_hf, qkv_bias=True), Llama, llama_maps.HF),  # q, k, v biased
+    "vit": Architecture(ViTConfig.from_hf, ViT, vit_maps.HF, task="image-classification"),
 }
 
 # Meta's own layout (params.json + consolidated.*.pth) exists for the Llama family only.
