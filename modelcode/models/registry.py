@@ -10,8 +10,10 @@ from functools import partial
 from torch import nn
 
 from modelcode.errors import UnsupportedModelError
+from modelcode.loading.weight_maps import gpt_neox as gpt_neox_maps
 from modelcode.loading.weight_maps import llama as llama_maps
 from modelcode.loading.weight_maps import vit as vit_maps
+from modelcode.models.gpt_neox import GPTNeoX, GPTNeoXConfig
 from modelcode.models.llama import PRESETS as LLAMA_PRESETS
 from modelcode.models.llama import Llama, LlamaConfig
 from modelcode.models.vit import ViT, ViTConfig
@@ -29,6 +31,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(LlamaConfig.from_hf, Llama, llama_maps.HF),
     "mistral": Architecture(LlamaConfig.from_hf, Llama, llama_maps.HF),
     "qwen2": Architecture(partial(LlamaConfig.from_hf, qkv_bias=True), Llama, llama_maps.HF),  # q, k, v biased
+    "gpt_neox": Architecture(GPTNeoXConfig.from_hf, GPTNeoX, gpt_neox_maps.HF),
     "vit": Architecture(ViTConfig.from_hf, ViT, vit_maps.HF, task="image-classification"),
 }
 
