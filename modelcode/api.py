@@ -1,11 +1,9 @@
 """`modelcode.load`: one call from a checkpoint folder to everything needed to use the model."""
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from modelcode.loading import load_model
 
@@ -14,23 +12,10 @@ EMBEDDED = {"tinystories-656k": ASSETS / "tinystories-656k"}  # models shipped i
 DEFAULT_MODEL = "tinystories-656k"
 
 
-@dataclass
-class LM:
-    """A loaded causal language model."""
-
-    model: nn.Module
-    config: object
-    path: Path
-
-    @classmethod
-    def from_folder(cls, model: nn.Module, config, folder: Path) -> "LM":
-        return cls(model=model, config=config, path=folder)
-
-
 # Architecture.task -> the class `load` wraps the model in ("module:Class", imported when needed).
 # Each has `from_folder(model, config, folder)`, which reads what else the task needs from the folder.
 TASKS = {
-    "causal-lm": "modelcode.api:LM",
+    "causal-lm": "modelcode.lm:LM",
     "image-classification": "modelcode.tasks.classification:ImageClassifier",
 }
 
@@ -45,8 +30,9 @@ def resolve_path(path: str | Path | None) -> Path:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device = "cpu", preset: str | None = None) -> LM:
-    """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K).
+         device: str | torch.device = "cpu", preset: str | None = None):
+    """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K) and wrap it for
+    its task: a causal LM comes back as `modelcode.LM` (model, config, tokenizer, chat format, generate).
 
     dtype: default is the checkpoint's `torch_dtype`. preset: the exact name of a known shape for a
     Meta folder whose params.json is not enough (see `modelcode.models.registry.PRESETS`).

@@ -3,7 +3,7 @@
 import time
 
 
-def main(model: str | None = None, dtype: str | None = None, device: str = "cpu") -> None:
+def main(model: str | None = None, *, dtype: str | None = None, device: str = "cpu") -> None:
     """Load a checkpoint and print what it is: architecture, size, dtype and load time.
 
     Args:

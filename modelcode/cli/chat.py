@@ -1,0 +1,59 @@
+"""`modelcode chat`: an interactive multi-turn chat in the terminal."""
+
+import sys
+import time
+
+HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
+
+
+def main(*, model: str | None = None, system: str | None = None, max_new_tokens: int | None = None,
+         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+         seed: int | None = None, dtype: str | None = None, device: str = "cpu") -> None:
+    """Chat with a model; the conversation's KV cache is kept between turns, so only the new turn is prefilled.
+
+    Args:
+        model: checkpoint folder, or an embedded model's name (default: the embedded TinyStories-656K).
+        system: a system message to start the conversation with.
+        max_new_tokens: tokens per reply at most (default: the checkpoint's, else 256).
+        temperature: 0 is greedy (default: the checkpoint's generation_config, else greedy).
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens whose probability mass reaches p.
+        seed: random seed, for reproducible sampling.
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        device: cpu, cuda, cuda:1, ...
+    """
+    import modelcode
+    from modelcode.generation import ContextLengthError
+    from modelcode.generation.session import ChatSession
+
+    lm = modelcode.load(model, dtype=dtype, device=device)
+    session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed)
+    print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            print("[new conversation]", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        start, n = time.perf_counter(), 0
+        try:
+            for delta in session.send(line):
+                print(delta, end="", flush=True)
+                n += 1
+        except KeyboardInterrupt:
+            print("\n[reply stopped]", file=sys.stderr)
+            continue
+        except ContextLengthError as e:
+            print(f"[{e}]", file=sys.stderr)
+            continue
+        print()
+        print(f"[prefilled {session.prefilled} tokens, {time.perf_counter() - start:.2f} s]", file=sys.stderr)

@@ -1,0 +1,48 @@
+"""`modelcode generate`: complete prompts, streaming the text as it comes."""
+
+import sys
+import time
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: int | None = None,
+         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+         seed: int | None = None, stop: list[str] | None = None, dtype: str | None = None,
+         device: str = "cpu") -> None:
+    """Generate text from one or more prompts; speed goes to stderr.
+
+    Args:
+        prompt: the prompt(s); several are generated together as one batch (default: "Once upon a time").
+        model: checkpoint folder, or an embedded model's name (default: the embedded TinyStories-656K).
+        max_new_tokens: tokens to generate at most per prompt (default: the checkpoint's, else 256).
+        temperature: 0 is greedy (default: the checkpoint's generation_config, else greedy).
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens whose probability mass reaches p.
+        seed: random seed, for reproducible sampling.
+        stop: strings that end the generation (the string itself is not printed).
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        device: cpu, cuda, cuda:1, ...
+    """
+    import modelcode
+
+    lm = modelcode.load(model, dtype=dtype, device=device)
+    prompts = list(prompt) or [DEFAULT_PROMPT]
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    stop=stop)
+    start = time.perf_counter()
+    if len(prompts) == 1:
+        stream = lm.stream(prompts[0], **settings)
+        sys.stdout.write(prompts[0])
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        n_tokens = len(stream.tokens)
+    else:
+        results = lm.text_completion(prompts, **settings)
+        for p, r in zip(prompts, results):
+            print(f"{p}{r['generation']}\n")
+        n_tokens = sum(len(r["tokens"]) for r in results)
+    seconds = time.perf_counter() - start
+    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s]", file=sys.stderr)

@@ -1,0 +1,130 @@
+"""Prefill then decode: text generation for a batch of prompts of unequal lengths.
+
+Each sequence keeps its own positions: the prompts are right-padded for one prefill pass, and each
+sequence then decodes at its own next position (see `layers/kv_cache.py` for why padding never
+leaks into attention). A sequence stops at a stop id, when a caller's `stop_check` says so (stop
+strings), at `max_new_tokens`, or at the model's context length, whichever comes first.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modelcode.generation.sampling import SamplingParams, sample, token_logprobs
+from modelcode.layers import KVCache
+
+
+class ContextLengthError(ValueError):
+    """A prompt (or conversation) that does not fit the model's context."""
+
+
+@dataclass
+class Step:
+    """One decode step: per sequence the new token (None once that sequence has finished)."""
+
+    tokens: list[int | None]
+    logprobs: list[float | None] | None
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # the new tokens of each prompt, stop token excluded
+    logprobs: list[list[float]] | None  # log p of each new token, when asked for
+    prompt_logprobs: list[list[float | None]] | None  # with echo: log p of each prompt token (None for the first)
+
+
+def context_budget(model: nn.Module, lengths: list[int], max_new_tokens: int) -> list[int]:
+    """New tokens each prompt may get; a prompt that leaves no room is an error that says so."""
+    context = model.config.max_seq_len
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
+        if n >= context:
+            raise ContextLengthError(f"prompt {i} has {n} tokens, but the model's context is {context} tokens "
+                                     f"and at least one new token must fit: shorten the prompt")
+    return [min(max_new_tokens, context - n) for n in lengths]
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]], cached: list[int] | None = None,
+            prompt_logprobs: bool = False) -> tuple[torch.Tensor, list[list[float | None]] | None]:
+    """Run the not-yet-cached part of each prompt through the model, filling the cache.
+
+    cached[b]: how many leading tokens of prompt b are already in the cache (a chat's earlier turns).
+    Returns the logits after each prompt's last token (B, V) and, if asked, each prompt token's logprob.
+    """
+    device = next(model.parameters()).device
+    cached = cached or [0] * len(prompts)
+    cached = [min(c, len(p) - 1) for c, p in zip(cached, prompts)]  # always feed >= 1 token for its logits
+    new = [p[c:] for p, c in zip(prompts, cached)]
+    width = max(len(n) for n in new)
+    tokens = torch.tensor([n + [0] * (width - len(n)) for n in new], device=device)  # right-padded
+    positions = torch.tensor(cached, device=device)[:, None] + torch.arange(width, device=device)
+    h = model.hidden_states(tokens, positions, cache)  # (B, width, dim)
+    last = torch.tensor([len(n) - 1 for n in new], device=device)
+    logits = model.logits(h[torch.arange(len(new), device=device), last])  # (B, V)
+    if not prompt_logprobs:
+        return logits, None
+    if any(cached):
+        raise ValueError("prompt logprobs need the whole prompt prefilled: do not reuse a cache with echo")
+    all_lp = token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:]).tolist()  # log p(token t+1 | ..t)
+    return logits, [[None] + lp[: len(n) - 1] for lp, n in zip(all_lp, new)]
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list[int], budgets: list[int],
+           params: SamplingParams, stop_ids: frozenset[int] = frozenset(), generator: torch.Generator | None = None,
+           logprobs: bool = False, stop_check: Callable[[int, int], bool] | None = None) -> Iterator[Step]:
+    """Sample, feed back, repeat: yields one Step per new position until every sequence has finished.
+
+    logits: (B, V) after each prompt's last token; lengths: each prompt's length (its next position).
+    stop_check(b, token) -> True ends sequence b after that token (it is kept, unlike a stop id).
+    """
+    device = logits.device
+    positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
+    last_position = max(n + b for n, b in zip(lengths, budgets)) - 1  # finished sequences idle below it
+    produced = [0] * len(lengths)
+    done = [b <= 0 for b in budgets]
+    while not all(done):
+        next_tokens = sample(logits, params, generator)  # (B,)
+        lp = token_logprobs(logits, next_tokens).tolist() if logprobs else None
+        step = Step([None] * len(done), [None] * len(done) if logprobs else None)
+        for b, token in enumerate(next_tokens.tolist()):  # the one host sync per step
+            if done[b]:
+                continue
+            if token in stop_ids:
+                done[b] = True
+                continue
+            step.tokens[b] = token
+            if lp is not None:
+                step.logprobs[b] = lp[b]
+            produced[b] += 1
+            stopped = stop_check is not None and stop_check(b, token)  # sees every token, the last one too
+            done[b] = stopped or produced[b] >= budgets[b]
+        yield step
+        if all(done):
+            return
+        logits = model(next_tokens[:, None], positions.clamp(max=last_position), cache)[:, -1]
+        positions = positions + 1
+
+
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+             stop_ids: frozenset[int] = frozenset(), seed: int | None = None, logprobs: bool = False,
+             echo: bool = False, stop_check: Callable[[int, int], bool] | None = None) -> GenerationOutput:
+    """New tokens for each prompt (token ids in, token ids out)."""
+    lengths = [len(p) for p in prompts]
+    budgets = context_budget(model, lengths, max_new_tokens)
+    cache = model.new_cache(len(prompts))
+    logits, prompt_lp = prefill(model, cache, prompts, prompt_logprobs=logprobs and echo)
+    generator = None if seed is None else torch.Generator(logits.device).manual_seed(seed)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    lps: list[list[float]] = [[] for _ in prompts]
+    for step in decode(model, cache, logits, lengths, budgets, params, stop_ids, generator, logprobs, stop_check):
+        for b, token in enumerate(step.tokens):
+            if token is not None:
+                tokens[b].append(token)
+                if logprobs:
+                    lps[b].append(step.logprobs[b])
+    return GenerationOutput(tokens, lps if logprobs else None, prompt_lp)

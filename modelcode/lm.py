@@ -1,0 +1,148 @@
+"""The object `modelcode.load` returns for a causal language model: the model, its tokenizer and chat
+format, and generation calls in the spirit of Meta's Llama 3 reference (`generate`, `text_completion`,
+`chat_completion`), with the checkpoint's own generation defaults."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
+from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
+
+Message = dict[str, str]
+
+
+@dataclass
+class GenerationDefaults:
+    """Settings a checkpoint ships in generation_config.json; greedy when it does not ask to sample."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 256
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "GenerationDefaults":
+        path = folder / "generation_config.json"
+        c = json.loads(path.read_text()) if path.exists() else {}
+        if not c.get("do_sample", False):
+            return cls(max_new_tokens=c.get("max_new_tokens") or cls.max_new_tokens)
+        return cls(temperature=c.get("temperature", 1.0), top_p=c.get("top_p", 1.0),
+                   top_k=c.get("top_k", 50),  # transformers' default when sampling
+                   max_new_tokens=c.get("max_new_tokens") or cls.max_new_tokens)
+
+
+@dataclass
+class LM:
+    model: nn.Module
+    config: object
+    path: Path
+    tokenizer: Tokenizer | None = None
+    chat_format: ChatFormat | None = None
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    stop_ids: frozenset[int] = frozenset()  # end of a plain completion: tokenizer EOS + generation_config
+
+    @classmethod
+    def from_folder(cls, model: nn.Module, config, folder: Path) -> "LM":
+        try:
+            tokenizer = load_tokenizer(folder)
+        except FileNotFoundError:
+            return cls(model, config, folder, defaults=GenerationDefaults.from_folder(folder))
+        return cls(model, config, folder, tokenizer, load_chat_format(folder, tokenizer),
+                   GenerationDefaults.from_folder(folder), tokenizer.stop_ids | generation_stop_ids(folder))
+
+    def sampling(self, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None) -> SamplingParams:
+        d = self.defaults
+        return SamplingParams(d.temperature if temperature is None else temperature,
+                              d.top_k if top_k is None else top_k, d.top_p if top_p is None else top_p)
+
+    def generate(self, prompt_tokens: list[list[int]], max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 stop: list[str] | None = None, logprobs: bool = False, echo: bool = False, seed: int | None = None,
+                 stop_ids: frozenset[int] | None = None) -> tuple[list[list[int]], list[list[float | None]] | None]:
+        """New tokens for each prompt (with echo: prompt + new tokens), and their logprobs if asked.
+
+        Ends each sequence at a stop id (not returned), at a stop string (the token completing it is
+        returned), at max_new_tokens, or at the context length.
+        """
+        out = self._generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
+                             self.stop_ids if stop_ids is None else stop_ids)
+        tokens, lps = out.tokens, out.logprobs
+        if echo:
+            tokens = [p + t for p, t in zip(prompt_tokens, tokens)]
+            if logprobs:
+                lps = [p + t for p, t in zip(out.prompt_logprobs, lps)]
+        return tokens, lps
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
+                  stop_ids) -> GenerationOutput:
+        stop_check = None
+        if stop:
+            detoks = [IncrementalDetokenizer(self._tokenizer(), p) for p in prompts]
+
+            def stop_check(b: int, token: int) -> bool:
+                detoks[b].add(token)
+                return any(s in detoks[b].text for s in stop)
+
+        return generate(self.model, prompts, max_new_tokens or self.defaults.max_new_tokens,
+                        self.sampling(temperature, top_p, top_k), stop_ids, seed, logprobs, echo, stop_check)
+
+    def text_completion(self, prompts: list[str], max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, top_k: int | None = None, stop: list[str] | None = None,
+                        logprobs: bool = False, echo: bool = False, seed: int | None = None) -> list[dict]:
+        """Complete each prompt: [{"generation": text, "tokens": ids, "logprobs": [...] if asked}]."""
+        tok = self._tokenizer()
+        prompt_tokens = [tok.encode(p, bos=tok.add_bos) for p in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo,
+                                    seed)
+        return [self._completion(p, t, lp, stop, echo)
+                for p, t, lp in zip(prompt_tokens, tokens, lps or [None] * len(tokens))]
+
+    def chat_completion(self, dialogs: list[list[Message]], max_new_tokens: int | None = None,
+                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                        stop: list[str] | None = None, logprobs: bool = False, seed: int | None = None) -> list[dict]:
+        """Answer each dialog: [{"generation": {"role": "assistant", "content": text}, ...}]."""
+        chat = self._chat_format()
+        prompt_tokens = [chat.encode_dialog_prompt(d, add_generation_prompt=True) for d in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs,
+                                    seed=seed, stop_ids=chat.stop_ids | self.stop_ids)
+        results = [self._completion(p, t, lp, stop) for p, t, lp in zip(prompt_tokens, tokens,
+                                                                         lps or [None] * len(tokens))]
+        for r in results:
+            r["generation"] = {"role": "assistant", "content": r["generation"]}
+        return results
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, stop: list[str] | None = None,
+               seed: int | None = None) -> TextStream:
+        """Iterate over the returned stream for text deltas as they are generated."""
+        tok = self._tokenizer()
+        ids = tok.encode(prompt, bos=tok.add_bos) if isinstance(prompt, str) else prompt
+        return TextStream(self.model, tok, ids, max_new_tokens or self.defaults.max_new_tokens,
+                          self.sampling(temperature, top_p, top_k), self.stop_ids, stop, seed)
+
+    def _completion(self, prompt: list[int], tokens: list[int], lps: list | None, stop: list[str] | None,
+                    echo: bool = False) -> dict:
+        """The result dict of one sequence. New text is decoded after the prompt, not alone, because
+        sentencepiece-style decoders drop the leading space of the first token they decode."""
+        decode = self._tokenizer().decode
+        text = decode(tokens) if echo else decode(prompt + tokens)[len(decode(prompt)):]
+        for s in stop or []:
+            text = text.split(s, 1)[0] if s else text
+        out = {"generation": text, "tokens": tokens}
+        if lps is not None:
+            out["logprobs"] = lps
+        return out
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"no tokenizer files in {self.path}: pass token ids to generate(), or add the "
+                             "checkpoint's tokenizer.json / tokenizer.model to the folder")
+        return self.tokenizer
+
+    def _chat_format(self) -> ChatFormat:
+        self._tokenizer()
+        return self.chat_format

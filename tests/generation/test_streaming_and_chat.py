@@ -1,0 +1,96 @@
+"""Streaming text, stop strings, and a chat that reuses its KV cache between turns."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import modelcode
+from modelcode.cli.__main__ import main as cli
+from modelcode.generation import IncrementalDetokenizer
+from modelcode.generation.session import ChatSession
+from modelcode.tokenization import load_tokenizer
+
+TOKENIZERS = Path(__file__).parents[1] / "assets" / "tokenizers"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return modelcode.load("tinystories-656k")
+
+
+@pytest.mark.parametrize("name", ["qwen2-tokenizer", "llama2-tokenizer", "llama3-tokenizer"])
+def test_streaming_never_splits_a_character(name):
+    tok = load_tokenizer(TOKENIZERS / name)
+    text = " Hello 🌍 世界! 👩‍👩‍👧 ünïcödé\n  code: x = {'a': 1}"
+    prompt = tok.encode("Say:", bos=True)
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok, prompt)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert sum(1 for d in deltas if d) > 5  # it really streams
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+
+
+def test_stream_equals_text_completion(lm):
+    stream = lm.stream("Once upon a time", max_new_tokens=40)
+    deltas = list(stream)
+    done = lm.text_completion(["Once upon a time"], max_new_tokens=40)[0]
+    assert "".join(deltas) == stream.text == done["generation"]
+    assert stream.tokens == done["tokens"] and stream.finish_reason == "length"
+    assert done["generation"].startswith(", a little girl named Lily")  # reference_outputs.json
+
+
+def test_stop_string_ends_generation_and_never_leaks(lm):
+    stream = lm.stream("Once upon a time", max_new_tokens=40, stop=["Lily"])
+    deltas = list(stream)
+    assert "".join(deltas) == ", a little girl named " and stream.finish_reason == "stop"
+    assert all("L" not in d for d in deltas)
+    done = lm.text_completion(["Once upon a time"], max_new_tokens=40, stop=["Lily"])[0]
+    assert done["generation"] == ", a little girl named "
+    assert lm.tokenizer.decode(done["tokens"]).endswith("Lily ")  # the token that completed it is kept
+
+
+def test_stop_id_ends_generation(lm):
+    tokens, _ = lm.generate([lm.tokenizer.encode("Once upon a time", bos=True)], max_new_tokens=300)
+    assert 0 < len(tokens[0]) < 300 and lm.tokenizer.eos_id not in tokens[0]
+
+
+def test_chat_prefills_only_the_new_turn_and_equals_a_fresh_run(lm):
+    session = ChatSession(lm, max_new_tokens=24)
+    first = "".join(session.send("Tell me a story about a cat."))
+    second = "".join(session.send("What happened next?"))
+    full = lm.chat_format.encode_dialog_prompt(session.messages[:-1], add_generation_prompt=True)
+    assert 0 < session.prefilled < len(full) / 2
+    fresh = lm.chat_completion([session.messages[:-1]], max_new_tokens=24)[0]["generation"]["content"]
+    assert first and second == fresh
+
+
+def test_chat_says_when_the_conversation_outgrows_the_context(lm):
+    session = ChatSession(lm, max_new_tokens=4)
+    with pytest.raises(ValueError, match="no longer fits the model's context of 512 tokens: /reset"):
+        "".join(session.send("word " * 600))
+
+
+def test_generate_command_streams_text(capsys):
+    cli(["generate", "Once upon a time", "--max-new-tokens", "12"])
+    out = capsys.readouterr()
+    assert out.out.startswith("Once upon a time, a little girl named Lily")
+    assert "tokens/s" in out.err
+
+
+def test_generate_command_batch_and_bad_model(capsys, tmp_path):
+    cli(["generate", "Tom and Lily", "The sun", "--max_new_tokens", "5", "--temperature", "0.7", "--seed", "3"])
+    assert capsys.readouterr().out.count("\n\n") == 2
+    with pytest.raises(SystemExit, match="checkpoint folder not found"):
+        cli(["generate", "hi", "--model", str(tmp_path / "missing")])
+
+
+def test_chat_command_session():
+    script = "Tell me a story.\nAnd then?\n/reset\nHello\n/exit\n"
+    run = subprocess.run([sys.executable, "-m", "modelcode.cli", "chat", "--max-new-tokens", "8"], input=script,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("[prefilled") == 3 and "[new conversation]" in run.stderr
+    assert run.stdout.count("> ") >= 4
