@@ -10,6 +10,8 @@ COMMANDS = {
     "chat": "modelcode.cli.chat",
     "info": "modelcode.cli.info",
     "classify": "modelcode.cli.classify",
+    "embed": "modelcode.cli.embed",
+    "similarity": "modelcode.cli.similarity",
 }
 
 

@@ -10,9 +10,11 @@ from functools import partial
 from torch import nn
 
 from modelcode.errors import UnsupportedModelError
+from modelcode.loading.weight_maps import bert as bert_maps
 from modelcode.loading.weight_maps import gpt_neox as gpt_neox_maps
 from modelcode.loading.weight_maps import llama as llama_maps
 from modelcode.loading.weight_maps import vit as vit_maps
+from modelcode.models.bert import Bert, BertConfig
 from modelcode.models.gpt_neox import GPTNeoX, GPTNeoXConfig
 from modelcode.models.llama import PRESETS as LLAMA_PRESETS
 from modelcode.models.llama import Llama, LlamaConfig
@@ -32,6 +34,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture(LlamaConfig.from_hf, Llama, llama_maps.HF),
     "qwen2": Architecture(partial(LlamaConfig.from_hf, qkv_bias=True), Llama, llama_maps.HF),  # q, k, v biased
     "gpt_neox": Architecture(GPTNeoXConfig.from_hf, GPTNeoX, gpt_neox_maps.HF),
+    "bert": Architecture(BertConfig.from_hf, Bert, bert_maps.HF, task="embedding"),
     "vit": Architecture(ViTConfig.from_hf, ViT, vit_maps.HF, task="image-classification"),
 }
 
