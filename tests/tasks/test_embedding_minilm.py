@@ -170,3 +170,26 @@ def test_fill_mask_equals_transformers(tmp_path):
         enc.fill_mask("nothing to fill")
     with pytest.raises(ValueError, match="no masked-LM head"):
         modelcode.load(minilm_folder()).fill_mask("a [MASK]")
+
+
+def test_cls_pooling_from_the_folder(tmp_path):
+    """BGE-style folders pool the [CLS] state (1_Pooling/config.json says so); unsupported modes are named."""
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.BertModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_folder() / name, tmp_path)
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    enc = modelcode.load(tmp_path)
+    assert enc.pooling == "cls"
+    texts = ["a short one", "and a somewhat longer second text"]
+    batch = transformers.AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(hf(**batch).last_hidden_state[:, 0], dim=-1)
+    torch.testing.assert_close(enc.embed(texts), expected, atol=1e-4, rtol=1e-4)
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match=r"pooling \['max_tokens'\] is not supported"):
+        modelcode.load(tmp_path)
