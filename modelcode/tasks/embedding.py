@@ -1,9 +1,9 @@
 """Text embeddings with a BERT-style encoder, computed the way sentence-transformers does.
 
 A text becomes [CLS] text [SEP] (WordPiece, by HF `tokenizers` from the checkpoint's tokenizer.json),
-the encoder reads a right-padded batch with a padding mask, and the last hidden states are pooled into one vector per
-text: their mean over the real tokens (or the [CLS] state, when the folder's `1_Pooling/config.json`
-asks for it), scaled to unit length. Cosine similarity is then a dot product.
+the encoder reads a right-padded batch with a padding mask, and the last hidden states are pooled into
+one vector per text: their mean over the real tokens (or the [CLS] state, when the folder's
+`1_Pooling/config.json` asks for it), scaled to unit length. Cosine similarity is then a dot product.
 """
 
 import importlib.util
@@ -115,10 +115,12 @@ class Embedder:
         """Unit-length embeddings (N, dim), float32, one row per text (a str gives a (dim,) vector)."""
         if isinstance(texts, str):
             return self.embed([texts], truncate, batch_size)[0]
-        texts = check_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        ids = self.encode(check_texts(texts), truncate)  # every length is checked before any work is done
         rows = []
-        for start in range(0, len(texts), batch_size):
-            tokens, mask = self.batch(self.encode(texts[start : start + batch_size], truncate))
+        for start in range(0, len(ids), batch_size):
+            tokens, mask = self.batch(ids[start : start + batch_size])
             h = self.model(tokens, mask).float()  # (B, T, dim)
             if self.pooling == "cls":
                 pooled = h[:, 0]

@@ -87,6 +87,8 @@ def test_too_long_is_an_error_unless_truncated(embedder, reference):
     with pytest.raises(ValueError, match=r"text 1 is 602 tokens long with \[CLS\] and \[SEP\], but this model "
                                          r"has positions for at most 512: shorten it, or pass truncate=True"):
         embedder.embed(["fine", long])
+    with pytest.raises(ValueError, match="text 3 is 602 tokens long"):  # counted over the texts, not per batch
+        embedder.embed(["a", "b", "c", long], batch_size=2)
     truncated = embedder.embed([long, "fine"], truncate=True)
     torch.testing.assert_close(truncated, reference([long, "fine"], truncation=True, max_length=512),
                                atol=1e-4, rtol=1e-4)
