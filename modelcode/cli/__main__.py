@@ -9,6 +9,7 @@ COMMANDS = {
     "generate": "modelcode.cli.generate",
     "chat": "modelcode.cli.chat",
     "info": "modelcode.cli.info",
+    "quantize": "modelcode.cli.quantize",
     "classify": "modelcode.cli.classify",
     "embed": "modelcode.cli.embed",
     "similarity": "modelcode.cli.similarity",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from modelcode import quantization
 from modelcode.errors import CheckpointError
 from modelcode.loading.checkpoint import StoredTensor, read_tensors, weight_files
 from modelcode.loading.weight_maps import compile_map, lookup
@@ -54,10 +55,15 @@ def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, devic
     if arch is registry.META_LLAMA:
         stored = _merge_meta_shards(stored, config)
     dtype = resolve_dtype(dtype, getattr(config, "torch_dtype", None))
+    quantized = quantization.read_quantized(folder)  # (scheme, layers) if `modelcode quantize` wrote the folder
     with torch.device("meta"):
         model = arch.model(config)
-    state = _map_state(stored, arch.weight_map, config, model)
+        # A quantized folder stores the quantized layers' tensors under our own names: swap those layers first.
+        weight_map = quantization.prepare_to_load(model, *quantized) if quantized else arch.weight_map
+    state = _map_state(stored, weight_map, config, model)
     _assign(model, state, dtype, torch.device(device))
+    if quantized:
+        quantization.pack_layers(model)  # int4: the kernel layout of this device
     return model.eval(), config, arch
 
 

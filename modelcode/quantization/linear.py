@@ -1,0 +1,241 @@
+"""Weight-only quantized Linear layers: the weight is stored in 8 or 4 bits, activations stay in floating
+point, and each matmul dequantizes on the fly (inside PyTorch's packed kernels where they exist).
+
+int8: one scale per output row, symmetric:  W[n, k] ~= q[n, k] * scale[n],  q in [-128, 127].
+int4: one scale and zero per group of `group_size` inputs of a row, asymmetric (the "tinygemm" convention
+of PyTorch's int4 kernels and gpt-fast):  W[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in [0, 15],
+g = k // group_size; `zero` is the value that code 8 stands for.
+
+Each layer exists in a portable form, which is what a checkpoint stores and what works on any device:
+`Int8Linear` (int8 rows + scales) and `Int4Linear` (two 4-bit codes per byte + scales and zeros). PyTorch's
+int4 kernels want the weight rearranged into a layout that depends on the device (and on the CPU's vector
+width), so `Int4Linear.pack()` returns a `PackedInt4Linear` for the device the weights are on; that layout
+is never written to disk.
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA) accept
+INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantize-then-matmul beats the CPU int8 kernel
+
+
+def _smallest_scale(dtype: torch.dtype) -> float:
+    # A row or group of zeros would get scale 0 and divide by zero; any tiny positive scale codes it exactly.
+    return torch.finfo(dtype).smallest_normal
+
+
+# ---------------------------------------------------------------------------------------------- int8
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 codes (out, in) and per-row scales (out,) in the weight's dtype."""
+    w32 = w.detach().float()
+    scales = (w32.abs().amax(dim=1) / 127).clamp(min=_smallest_scale(w.dtype)).to(w.dtype)
+    # Code with the scale as stored (rounded to the weight's dtype), so that q * scale is as close as it can be.
+    q = (w32 / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.to(scales.dtype) * scales[:, None]
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows and one scale per row.
+
+    On CPU, for a few rows of bfloat16 activations (decoding), the matmul runs in `_weight_int8pack_mm`,
+    which reads the int8 weight directly: ~4x faster than a bfloat16 matmul at one row. That kernel is
+    vectorized for bfloat16 only and built for matrix-vector products (measured on a 2048x5632 layer: as
+    slow as converting the weight and multiplying at 16 rows, 10x slower than a dense matmul at 256), so
+    everything else takes `linear(x, W.to(x.dtype)) * scale`, which is also what runs on GPU
+    (torch.compile fuses the conversion into the matmul there).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype or torch.get_default_dtype()
+        # Parameters (frozen) rather than buffers, so the strict loader checks and fills them like any weight.
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scales = quantize_int8(linear.weight)
+        with torch.device("meta"):  # shapes only: the tensors come next
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        return _filled(module, weight=q, scales=scales, bias=linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.is_cpu and x.dtype == torch.bfloat16 and rows <= INT8_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight,
+                                                   self.scales).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+def check_int4_shape(in_features: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size {group_size} is not supported: use one of "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))} (the sizes PyTorch's int4 kernels take)")
+    if in_features % group_size:
+        fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        raise ValueError(f"int4 group_size {group_size} does not divide in_features={in_features}: "
+                         + (f"use group_size {' or '.join(map(str, fits))}" if fits else
+                            f"no supported group size ({', '.join(map(str, INT4_GROUP_SIZES))}) divides it; "
+                            "leave this layer unquantized or use int8"))
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes in [0, 15] -> (out, in/2) uint8, even column in the high nibble (the byte order
+    PyTorch's CUDA packer reads)."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: (out, in/2) uint8 -> (out, in) codes as int32."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> packed codes (out, in/2) uint8, scales and zeros (out, in/group_size)."""
+    out_features, in_features = w.shape
+    check_int4_shape(in_features, group_size)
+    groups = w.detach().float().reshape(out_features, in_features // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    # Spread each group's [min, max] over the 16 codes; code 8 stands for `zero`, so code 0 is the min.
+    scales = ((hi - lo) / 15).clamp(min=_smallest_scale(w.dtype)).to(w.dtype)
+    zeros = (lo + 8 * scales.float()).to(w.dtype)
+    code0 = zeros.float() - 8 * scales.float()  # the min again, from the stored (rounded) scale and zero
+    q = ((groups - code0[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
+    return pack_nibbles(q.reshape(out_features, in_features)), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_nibbles(packed)  # (out, in)
+    out_features, n_groups = scales.shape
+    groups = (q.view(out_features, n_groups, -1) - 8).to(scales.dtype)
+    return (groups * scales[..., None] + zeros[..., None]).view(out_features, -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W stored as 4-bit codes, a scale and a zero per group of `group_size` inputs.
+
+    This is the portable form (what a checkpoint stores); its forward dequantizes the whole weight and
+    multiplies, which is slow but runs anywhere and is the reference the packed kernels are tested against.
+    Call `pack()` to get the fast module for the device the weights are on.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        check_int4_shape(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        dtype = dtype or torch.get_default_dtype()
+        n_groups = in_features // group_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, n_groups, dtype=dtype), requires_grad=False)
+        self.zeros = nn.Parameter(torch.empty(out_features, n_groups, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        packed, scales, zeros = quantize_int4(linear.weight, group_size)
+        with torch.device("meta"):
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                         linear.weight.dtype)
+        return _filled(module, weight=packed, scales=scales, zeros=zeros, bias=linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype), self.bias)
+
+    def pack(self) -> nn.Module:
+        """A `PackedInt4Linear` for the device and dtype of this layer's tensors, or this layer itself (with
+        a warning that says why) where no PyTorch int4 kernel takes its shape or dtype."""
+        kernel, reason = int4_kernel(self.scales.device, self.scales.dtype, self.out_features)
+        if kernel is None:
+            warnings.warn(f"int4 layers left on the slow dequantize-then-matmul path: {reason}", stacklevel=2)
+            return self
+        return PackedInt4Linear(self, kernel)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> tuple[str | None, str]:
+    """Which PyTorch int4 kernel runs a layer ("cpu" or "cuda"), or None and the reason why none does.
+    Both kernels also need in_features % 32 == 0, which every supported group size guarantees."""
+    if device.type == "cpu":
+        if out_features % 16:
+            return None, f"the CPU int4 kernel needs out_features divisible by 16 (got {out_features})"
+        return "cpu", ""
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return None, f"the CUDA int4 kernel takes bfloat16 only (got {dtype}); load with dtype=bfloat16"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return None, "the CUDA int4 kernel needs a GPU of compute capability 8.0 (Ampere) or newer"
+        if out_features % 8:
+            return None, f"the CUDA int4 kernel needs out_features divisible by 8 (got {out_features})"
+        return "cuda", ""
+    return None, f"PyTorch has no int4 kernel for {device.type} here"
+
+
+class PackedInt4Linear(nn.Module):
+    """`Int4Linear` with its weight rearranged for PyTorch's int4 matmul on one device.
+
+    CPU: `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` (float32, bfloat16, float16).
+    CUDA: `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (tinygemm; bfloat16, Ampere or newer).
+    Scales and zeros travel together as one (in/group_size, out, 2) tensor, the layout both kernels take.
+
+    Speed on CPU (measured, 2048x5632): with bfloat16 and one row (decoding) ~4x faster than a dense
+    bfloat16 matmul; but the kernel is built for matrix-vector products (~10x slower than dense at 256
+    rows, i.e. prefill) and its float32/float16 paths are not vectorized. The packed layout cannot be
+    dequantized for a dense matmul, so those cases stay slow: load in bfloat16 for speed.
+    """
+
+    def __init__(self, layer: Int4Linear, kernel: str):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        self.kernel = kernel
+        if kernel == "cpu":  # takes one int32 per code; its layout does not depend on the inner k-tiles argument
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(layer.weight), 2)
+        else:
+            # 8 k-tiles of 16 inputs per load is the fastest layout; smaller when in_features is not a multiple.
+            inner_k_tiles = next(t for t in (8, 4, 2) if layer.in_features % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(layer.weight.contiguous(), inner_k_tiles)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([layer.scales, layer.zeros], dim=-1).transpose(0, 1)
+                             .contiguous())  # (n_groups, out, 2)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu"
+              else torch.ops.aten._weight_int4pack_mm)
+        y = mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.group_size, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, kernel={self.kernel}")
+
+
+def _filled(module: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
+    """`module` with its (frozen) parameters set to the given tensors."""
+    for name, t in tensors.items():
+        if t is not None:
+            setattr(module, name, nn.Parameter(t.detach(), requires_grad=False))
+    return module

@@ -1,0 +1,169 @@
+"""Quantize a built model from outside, by swapping its `nn.Linear` modules, and write/read the result as a
+checkpoint folder that `modelcode.load` opens with no flag.
+
+On disk a quantized folder is the source folder's config and tokenizer files plus one `model.safetensors`
+holding the portable form of every layer under modelcode's own parameter names (the architecture's weight
+map has already been applied, so the loader maps names one to one). A quantized layer `x` stores
+`x.weight` (int8, or uint8 with two 4-bit codes per byte), `x.scales` and, for int4, `x.zeros`; which
+layers are quantized is read from those names. The scheme is recorded in the safetensors header
+(`__metadata__["modelcode.quantization"]`, JSON such as `{"mode": "int4", "group_size": 32}`): it
+describes the tensors, so it travels with them, and config.json stays the source's own (transformers
+would misread a `quantization_config` it does not know).
+"""
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from modelcode.quantization.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, PackedInt4Linear
+
+MODES = ("int8", "int4")
+METADATA_KEY = "modelcode.quantization"
+WEIGHTS = "model.safetensors"
+# Files that hold weights in a source folder: never copied next to the quantized weights.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pth", "*.pt")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    mode: str  # "int8": one scale per output row; "int4": a scale and a zero per group of inputs
+    group_size: int | None = None  # int4 only: inputs per group
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantization mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.mode == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size {self.group_size} is not supported: use one of "
+                             f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        if self.mode == "int8" and self.group_size is not None:
+            raise ValueError("int8 quantization has one scale per output row: group_size applies to int4 only")
+
+    def new_layer(self, linear: nn.Linear) -> nn.Module:
+        """The quantized twin of a Linear (empty: on the meta device it is only shapes)."""
+        dtype, bias = linear.weight.dtype, linear.bias is not None
+        if self.mode == "int8":
+            return Int8Linear(linear.in_features, linear.out_features, bias, dtype)
+        return Int4Linear(linear.in_features, linear.out_features, bias, self.group_size, dtype)
+
+    def quantize_layer(self, linear: nn.Linear) -> nn.Module:
+        if self.mode == "int8":
+            return Int8Linear.from_linear(linear)
+        return Int4Linear.from_linear(linear, self.group_size)
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """The Linear layers that produce the logits: those as wide as the vocabulary."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == vocab}
+
+
+def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: bool = True) -> nn.Module:
+    """Replace every `nn.Linear` of `model` except the output head by its int8 or int4 version, in place.
+
+    Embeddings stay as they are (a lookup reads one row per token; quantizing them saves memory but no
+    time) and so does the output head: it is the layer whose errors reach the logits undamped, and with
+    tied embeddings it is the embedding matrix itself, so a quantized copy would add memory rather than
+    save it. group_size is for int4 (ignored for int8). pack=False keeps the portable `Int4Linear` form,
+    which is what `save_quantized` writes; pack=True makes the layers fast on their current device.
+    """
+    scheme = Scheme(mode, group_size if mode == "int4" else None)
+    heads = output_heads(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name not in heads:
+            _replace(model, name, scheme.quantize_layer(m))
+    return pack_layers(model) if pack else model
+
+
+def pack_layers(model: nn.Module) -> nn.Module:
+    """Swap each portable `Int4Linear` for the packed kernel module of its device, in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Int4Linear):
+            _replace(model, name, m.pack())
+    return model
+
+
+def scheme_of(model: nn.Module) -> Scheme:
+    """The one scheme a model's quantized layers follow."""
+    found = {Scheme("int8") if isinstance(m, Int8Linear) else Scheme("int4", m.group_size)
+             for m in model.modules() if isinstance(m, Int8Linear | Int4Linear | PackedInt4Linear)}
+    if len(found) != 1:
+        raise ValueError(f"expected a model quantized with one scheme, found {len(found)}: "
+                         + (", ".join(map(str, found)) if found else "quantize it first with quantize(model, mode)"))
+    return found.pop()
+
+
+def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Path:
+    """Write a model quantized with `quantize(..., pack=False)` as a checkpoint folder: the portable tensors
+    and scheme in `out/model.safetensors`, every other file of the source folder copied as it is."""
+    source, out = Path(source), Path(out)
+    if any(isinstance(m, PackedInt4Linear) for m in model.modules()):
+        raise ValueError("this model's int4 layers are packed for one device, a layout that must not be saved: "
+                         "quantize with pack=False, save, then pack")
+    if out.resolve() == source.resolve():
+        raise ValueError(f"the output folder is the source folder {source}: choose another, the source "
+                         "weights would be overwritten")
+    scheme = scheme_of(model)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_non_weight_files(source, out)
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(asdict(scheme))})
+    return out
+
+
+def copy_non_weight_files(source: Path, out: Path) -> None:
+    """Config, tokenizer, generation config, README, license...: every top-level file but the weights.
+    Subfolders are left out (hub repos keep other formats of the weights there, such as `original/`)."""
+    weights = {p for pattern in WEIGHT_PATTERNS for p in source.glob(pattern)}
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f not in weights:
+            shutil.copy2(f, out / f.name)
+
+
+def read_quantized(folder: str | Path) -> tuple[Scheme, list[str]] | None:
+    """The scheme and the quantized layers of a folder written by `save_quantized`; None for any other."""
+    file = Path(folder) / WEIGHTS
+    if not file.exists():
+        return None
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = (f.metadata() or {}).get(METADATA_KEY)
+            names = list(f.keys())
+    except (SafetensorError, OSError):
+        return None  # not ours to judge: reading the weights reports what is wrong with the file
+    if meta is None:
+        return None
+    try:
+        scheme = Scheme(**json.loads(meta))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: unreadable quantization scheme {meta!r} in its metadata: {e}") from e
+    return scheme, [n.removesuffix(".scales") for n in names if n.endswith(".scales")]
+
+
+def prepare_to_load(model: nn.Module, scheme: Scheme, layers: list[str]) -> dict[str, str]:
+    """For the loader: swap the named Linear layers of a (meta) model for empty quantized ones, and return
+    the weight map of a quantized folder, which stores our own parameter names."""
+    for name in layers:
+        linear = model.get_submodule(name) if _has_module(model, name) else None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{WEIGHTS} has quantized tensors for {name!r}, which is not a Linear layer of "
+                             f"{type(model).__name__}; was the folder's config.json changed after quantizing?")
+        _replace(model, name, scheme.new_layer(linear))
+    return {name: name for name, _ in model.named_parameters()}
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)

@@ -1,0 +1,158 @@
+"""Quantized Linear layers: the quantizers' error bounds, and every kernel path against the matmul with the
+dequantized weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelcode.quantization import (
+    Int4Linear,
+    Int8Linear,
+    PackedInt4Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def linear(in_features, out_features, bias=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.05)
+        m.weight[0].zero_()  # a row of zeros must not divide by zero
+        m.weight[1, 5] = 1.0  # an outlier
+        if bias:
+            m.bias.normal_(0, 0.1)
+    return m.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+
+def test_int8_codes_and_error_bound():
+    w = linear(96, 40).weight
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scales.shape == (40,)
+    assert q.abs().max() == 127  # each row's largest weight uses the whole range
+    err = (dequantize_int8(q, scales) - w).abs()
+    assert (err <= scales[:, None] / 2 + 1e-7).all()  # round to nearest: within half a step
+    assert (dequantize_int8(q, scales)[0] == 0).all()
+
+
+def test_nibbles_round_trip_and_byte_order():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    packed = pack_nibbles(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 32)
+    assert packed[0, 0] == q[0, 0] * 16 + q[0, 1]  # even column in the high nibble
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_codes_and_error_bound(group_size):
+    w = linear(256, 48).weight
+    packed, scales, zeros = quantize_int4(w, group_size)
+    assert packed.shape == (48, 128) and scales.shape == zeros.shape == (48, 256 // group_size)
+    w_hat = dequantize_int4(packed, scales, zeros)
+    step = scales.repeat_interleave(group_size, dim=1)
+    assert ((w_hat - w).abs() <= step / 2 + 1e-6).all()
+    groups = w.view(48, -1, group_size)  # both ends of each group's range are codes: min -> 0, max -> 15
+    torch.testing.assert_close(w_hat.view(48, -1, group_size).amin(-1), groups.amin(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w_hat.view(48, -1, group_size).amax(-1), groups.amax(-1), atol=1e-6, rtol=0)
+
+
+def test_smaller_groups_are_more_accurate():
+    w = linear(512, 64).weight
+    errors = [(dequantize_int4(*quantize_int4(w, g)) - w).pow(2).mean() for g in (32, 64, 128, 256)]
+    assert errors == sorted(errors)
+
+
+# ---------------------------------------------------------------------------------- kernels vs reference
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 8), (3, 7)])  # rows: 1 and 16 take the CPU kernel in bf16, 21 not
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_dequantized_matmul(dtype, tol, shape, bias):
+    lin = linear(160, 72, bias, dtype)
+    q8 = Int8Linear.from_linear(lin)
+    x = torch.randn(*shape, 160).to(dtype)  # (B, T, in): the layer flattens and restores the leading dims
+    ref = F.linear(x.float(), dequantize_int8(q8.weight, q8.scales.float()), None if lin.bias is None
+                   else lin.bias.float())
+    y = q8(x)
+    assert y.shape == (*shape, 72) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_int8_cpu_kernel_itself():
+    """The bf16 kernel against a float32 reference: int8 weight [N, K], scales per row applied to the output."""
+    q8 = Int8Linear.from_linear(linear(160, 72, dtype=torch.bfloat16))
+    x = torch.randn(4, 160).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(x, q8.weight, q8.scales)
+    ref = x.float() @ dequantize_int8(q8.weight, q8.scales.float()).T
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(q8(x), y)  # and the layer takes it for 4 rows
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_int4_cpu_kernel_matches_dequantized_matmul(dtype, tol, group_size):
+    portable = Int4Linear.from_linear(linear(256, 48, bias=True, dtype=dtype), group_size)
+    packed = portable.pack()
+    assert isinstance(packed, PackedInt4Linear) and packed.kernel == "cpu"
+    x = torch.randn(2, 5, 256).to(dtype)
+    ref = F.linear(x.float(), dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float()),
+                   portable.bias.float())
+    y = packed(x)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    # and the portable layer's own forward (the fallback path) is that same reference
+    torch.testing.assert_close(portable(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():
+    portable = Int4Linear.from_linear(linear(64, 24), 32)  # the CPU kernel needs out_features % 16 == 0
+    with pytest.warns(UserWarning, match="dequantize-then-matmul.*out_features divisible by 16 \\(got 24\\)"):
+        layer = portable.pack()
+    assert layer is portable
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ dequantize_int4(portable.weight, portable.scales, portable.zeros).T)
+
+
+@CUDA
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_cuda_kernel_matches_dequantized_matmul(group_size):
+    portable = Int4Linear.from_linear(linear(384, 64, bias=True, dtype=torch.bfloat16), group_size).cuda()
+    packed = portable.pack()
+    assert isinstance(packed, PackedInt4Linear) and packed.kernel == "cuda"
+    x = torch.randn(3, 384, dtype=torch.bfloat16, device="cuda")
+    ref = F.linear(x.float(), dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float()),
+                   portable.bias.float())
+    torch.testing.assert_close(packed(x).float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+@CUDA
+def test_int8_cuda_path_matches_dequantized_matmul():
+    q8 = Int8Linear.from_linear(linear(128, 64, dtype=torch.bfloat16)).cuda()
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device="cuda")
+    ref = x.float() @ dequantize_int8(q8.weight, q8.scales.float()).T
+    torch.testing.assert_close(q8(x).float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("group_size", [16, 48, 512])
+def test_unsupported_group_size(group_size):
+    with pytest.raises(ValueError, match=f"group_size {group_size} is not supported: use one of 32, 64, 128, 256"):
+        Int4Linear(256, 32, group_size=group_size)
+
+
+def test_group_size_that_does_not_divide_the_inputs():
+    with pytest.raises(ValueError, match="group_size 64 does not divide in_features=96: use group_size 32"):
+        quantize_int4(torch.randn(32, 96), 64)
+    with pytest.raises(ValueError, match="in_features=80: no supported group size .* divides it; leave this layer "
+                                         "unquantized or use int8"):
+        Int4Linear(80, 32, group_size=32)
