@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
+from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
 from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
 
 Message = dict[str, str]
@@ -79,16 +80,41 @@ class LM:
 
     def _generate(self, prompts, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
                   stop_ids) -> GenerationOutput:
-        stop_check = None
-        if stop:
-            detoks = [IncrementalDetokenizer(self._tokenizer(), p) for p in prompts]
-
-            def stop_check(b: int, token: int) -> bool:
-                detoks[b].add(token)
-                return any(s in detoks[b].text for s in stop)
-
         return generate(self.model, prompts, max_new_tokens or self.defaults.max_new_tokens,
-                        self.sampling(temperature, top_p, top_k), stop_ids, seed, logprobs, echo, stop_check)
+                        self.sampling(temperature, top_p, top_k), stop_ids, seed, logprobs, echo,
+                        self._stop_check(prompts, stop))
+
+    def _stop_check(self, prompts: list[list[int]], stop: list[str] | None):
+        """stop_check(b, token) for `generate`: True once sequence b's text contains a stop string."""
+        if not stop:
+            return None
+        detoks = [IncrementalDetokenizer(self._tokenizer(), p) for p in prompts]
+
+        def stop_check(b: int, token: int) -> bool:
+            detoks[b].add(token)
+            return any(s in detoks[b].text for s in stop)
+
+        return stop_check
+
+    def speculative_generate(self, prompt: list[int], draft: "LM | nn.Module | None" = None,
+                             prompt_lookup: int | None = None, speculate_k: int = 4,
+                             max_new_tokens: int | None = None, temperature: float | None = None,
+                             top_p: float | None = None, top_k: int | None = None, stop: list[str] | None = None,
+                             seed: int | None = None, stop_ids: frozenset[int] | None = None) -> SpeculativeOutput:
+        """New tokens for one prompt (batch size 1) with speculative decoding: `draft` (a smaller model with
+        the same tokenizer) or prompt lookup of n-grams up to `prompt_lookup` tokens proposes `speculate_k`
+        tokens per pass of this model. Same output as `generate` (token for token when greedy, same
+        distribution when sampling), fewer passes of this model; `.stats` says how many drafts it accepted."""
+        if isinstance(draft, LM):
+            both = draft.tokenizer is not None and self.tokenizer is not None
+            if both and not same_tokenizer(draft.tokenizer, self.tokenizer):
+                raise ValueError(f"the draft model at {draft.path} does not tokenize like {self.path}: a draft "
+                                 "must share the target's tokenizer")
+            draft = draft.model
+        return speculative_generate(self.model, prompt, max_new_tokens or self.defaults.max_new_tokens, draft,
+                                    prompt_lookup, speculate_k, self.sampling(temperature, top_p, top_k),
+                                    self.stop_ids if stop_ids is None else stop_ids, seed,
+                                    self._stop_check([prompt], stop))
 
     def text_completion(self, prompts: list[str], max_new_tokens: int | None = None, temperature: float | None = None,
                         top_p: float | None = None, top_k: int | None = None, stop: list[str] | None = None,

@@ -9,7 +9,8 @@ DEFAULT_PROMPT = "Once upon a time"
 def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: int | None = None,
          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
          seed: int | None = None, stop: list[str] | None = None, dtype: str | None = None,
-         device: str = "cpu") -> None:
+         device: str = "cpu", draft: str | None = None, prompt_lookup: int | None = None,
+         speculate_k: int = 4) -> None:
     """Generate text from one or more prompts; speed goes to stderr.
 
     Args:
@@ -23,6 +24,10 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         stop: strings that end the generation (the string itself is not printed).
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
         device: cpu, cuda, cuda:1, ...
+        draft: speculative decoding with this smaller draft model (same tokenizer): checkpoint folder or name.
+        prompt_lookup: speculative decoding that drafts by finding the last N tokens (N down to 1) earlier in
+            the text and proposing what followed them there.
+        speculate_k: draft tokens the model checks per forward pass, with --draft or --prompt-lookup.
     """
     import modelcode
 
@@ -30,6 +35,9 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
     prompts = list(prompt) or [DEFAULT_PROMPT]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)
+    if draft is not None or prompt_lookup is not None:
+        draft_lm = None if draft is None else modelcode.load(draft, dtype=dtype, device=device)
+        return speculate(lm, prompts, draft_lm, prompt_lookup, speculate_k, settings)
     start = time.perf_counter()
     if len(prompts) == 1:
         stream = lm.stream(prompts[0], **settings)
@@ -46,3 +54,18 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         n_tokens = sum(len(r["tokens"]) for r in results)
     seconds = time.perf_counter() - start
     print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def speculate(lm, prompts: list[str], draft, prompt_lookup: int | None, speculate_k: int, settings: dict) -> None:
+    """One prompt with speculative decoding; the acceptance rate goes to stderr with the speed."""
+    if len(prompts) != 1:
+        raise ValueError(f"speculative decoding runs one prompt at a time, got {len(prompts)}: pass a single prompt")
+    tok = lm._tokenizer()
+    ids = tok.encode(prompts[0], bos=tok.add_bos)
+    start = time.perf_counter()
+    out = lm.speculative_generate(ids, draft, prompt_lookup, speculate_k, **settings)
+    seconds = time.perf_counter() - start
+    print(prompts[0] + lm._completion(ids, out.tokens, None, settings["stop"])["generation"])
+    n_tokens = len(out.tokens)
+    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{out.stats.summary(n_tokens)}]", file=sys.stderr)

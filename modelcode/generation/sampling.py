@@ -44,7 +44,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """(B, V) logits -> (B,) token ids."""
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = probabilities(logits, params)
+    return draw(probabilities(logits, params), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(..., V) probabilities -> (...) token ids drawn from them."""
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential-race form of the Gumbel-max trick),
     # without torch.multinomial's host sync.
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
