@@ -74,3 +74,12 @@ class StaticKVCache(KVCache):
         _write(self.k[layer], k, positions)
         _write(self.v[layer], v, positions)
         return self.k[layer], self.v[layer]
+
+
+def new_cache(config, batch_size: int, max_seq_len: int | None = None, static: bool = False,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+    """An empty cache for a decoder whose config has n_layers, n_kv_heads, head_dim and max_seq_len."""
+    if not static:
+        return ContiguousKVCache(config.n_layers)
+    return StaticKVCache(config.n_layers, batch_size, config.n_kv_heads, config.head_dim,
+                         max_seq_len or config.max_seq_len, dtype, device)

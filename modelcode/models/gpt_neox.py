@@ -19,14 +19,13 @@ import torch
 from torch import nn
 
 from modelcode.layers import (
-    ContiguousKVCache,
     KVCache,
     RopeScaling,
     RotaryEmbedding,
-    StaticKVCache,
     apply_rotary,
     attend,
     causal_mask,
+    new_cache,
 )
 from modelcode.layers.activation import gelu
 
@@ -182,8 +181,5 @@ class GPTNeoX(nn.Module):
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, static: bool = False,
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty KV cache sized for this model (see `layers/kv_cache.py`)."""
-        if not static:
-            return ContiguousKVCache(self.config.n_layers)
         p = self.embed_out.weight
-        return StaticKVCache(self.config.n_layers, batch_size, self.config.n_heads, self.config.head_dim,
-                             max_seq_len or self.config.max_seq_len, dtype or p.dtype, device or p.device)
+        return new_cache(self.config, batch_size, max_seq_len, static, dtype or p.dtype, device or p.device)
