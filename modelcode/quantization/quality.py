@@ -2,6 +2,7 @@
 agree on the next token, and how long their greedy continuations stay identical."""
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,11 @@ def _window(model: nn.Module, window: int | None) -> int:
 
 
 @torch.no_grad()
-def _token_logits(model: nn.Module, seq: list[int], window: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, next-token targets) for every token of `seq` but the first, in windows of `window` tokens."""
-    device = next(model.parameters()).device
-    ids = torch.tensor(seq, device=device)
-    return [(model(ids[start:start + window][None])[0, :-1].float(), ids[start + 1:start + window])
-            for start in range(0, len(seq) - 1, window - 1)]  # windows overlap by one: every target scored once
+def _token_logits(model: nn.Module, seq: list[int], window: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, next-token targets) for every token of `seq` but the first, one window at a time."""
+    ids = torch.tensor(seq, device=next(model.parameters()).device)
+    for start in range(0, len(seq) - 1, window - 1):  # windows overlap by one token: each target is scored once
+        yield model(ids[start:start + window][None])[0, :-1].float(), ids[start + 1:start + window]
 
 
 def perplexity(model: nn.Module, token_ids: list[int] | list[list[int]], window: int | None = None) -> float:

@@ -66,10 +66,12 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
     """Replace every `nn.Linear` of `model` except the output head by its int8 or int4 version, in place.
 
     Embeddings stay as they are (a lookup reads one row per token; quantizing them saves memory but no
-    time) and so does the output head: it is the layer whose errors reach the logits undamped, and with
-    tied embeddings it is the embedding matrix itself, so a quantized copy would add memory rather than
-    save it. group_size is for int4 (ignored for int8). pack=False keeps the portable `Int4Linear` form,
-    which is what `save_quantized` writes; pack=True makes the layers fast on their current device.
+    time) and so does the output head: its errors reach the logits undamped (TinyStories-656K, held-out
+    perplexity with int4 g32: +4.8% with a float head, +6.7% with the head quantized too; int8: no
+    difference), and with tied embeddings it is the embedding matrix itself, so a quantized copy would
+    add memory rather than save it. group_size is for int4 (ignored for int8). pack=False keeps the
+    portable `Int4Linear` form, which is what `save_quantized` writes; pack=True makes the layers fast
+    on their current device.
     """
     scheme = Scheme(mode, group_size if mode == "int4" else None)
     heads = output_heads(model)
@@ -107,6 +109,9 @@ def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Pat
     if out.resolve() == source.resolve():
         raise ValueError(f"the output folder is the source folder {source}: choose another, the source "
                          "weights would be overwritten")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"the output folder {out} is not empty: choose a new folder (files left from another "
+                         "checkpoint would be loaded along with this one)")
     scheme = scheme_of(model)
     out.mkdir(parents=True, exist_ok=True)
     copy_non_weight_files(source, out)

@@ -169,6 +169,14 @@ def test_output_folder_must_differ_from_the_source(saved):
         save_quantized(lm.model, folder, folder)
 
 
+def test_output_folder_must_be_new_or_empty(saved):
+    folder, _ = saved["int8"]
+    lm = modelcode.load("tinystories-656k")
+    quantize(lm.model, "int8", pack=False)
+    with pytest.raises(ValueError, match="output folder .* is not empty: choose a new folder"):
+        save_quantized(lm.model, SOURCE, folder)
+
+
 def relabelled(folder, out, scheme: dict):
     """A copy of a quantized folder's config and tensors whose metadata claims another scheme."""
     out.mkdir()
