@@ -96,7 +96,9 @@ def _map_state(stored: list[StoredTensor], weight_map: dict, config, model: nn.M
         if rule is None:
             raise CheckpointError(f"unknown tensor {st.name!r} in {st.file.name}: no rule in the weight map; "
                                   "is config.json's model_type right for these weights?")
-        targets, transform = rule
+        targets, transform, is_optional = rule
+        if is_optional and not all(t in canonical for t in targets):
+            continue  # a head this config does not build
         values = _read(st, transform, config, len(targets))
         for ours, value in zip(targets, values, strict=True):
             if ours not in canonical:

@@ -120,8 +120,25 @@ def test_bad_configs_and_inputs_are_named(tmp_path):
     enc = modelcode.load(tmp_path / "ok")
     with pytest.raises(ValueError, match="25 tokens, but this BERT has learned positions for only 24"):
         enc.model(torch.ones(1, 25, dtype=torch.long))
-    # A BertModel's pooler in a folder whose config says BertForMaskedLM: the loader names the tensor.
+    # A BertModel file whose config says BertForMaskedLM: the head the config asks for is missing.
     config = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(CheckpointError, match=r"'pooler\.dense\.(weight|bias)' .* which this model does not have"):
+    with pytest.raises(CheckpointError, match=r"missing .*'mlm\.dense\.weight'"):
         modelcode.load(tmp_path / "ok")
+
+
+def test_bert_base_uncased_layout_loads(tmp_path):
+    """bert-base-uncased's files hold pooler, masked-LM and next-sentence heads, but its config.json says
+    BertForMaskedLM: the heads the config builds are loaded, the others skipped."""
+    hf = tiny_bert("BertForPreTraining")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    enc = modelcode.load(tmp_path)
+    assert enc.model.pooler is None and enc.model.mlm is not None
+    tokens, mask = padded_batch(BASE["vocab_size"], lengths=(9, 4))
+    with torch.no_grad():
+        ours = enc.model.logits(enc.model(tokens, mask))
+        expected = hf(tokens, attention_mask=mask).prediction_logits
+    torch.testing.assert_close(ours[0], expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1, :4], expected[1, :4], atol=1e-4, rtol=1e-4)

@@ -3,7 +3,9 @@
 A map is a dict from a checkpoint name pattern (`{}` stands for a layer index) to:
 - a string: our name for the same tensor;
 - None: a tensor that is not a weight (e.g. a cached rotary table) and is skipped;
-- a `Rule`: our name(s) plus a named transform (permute for rotary layout, split of a fused qkv...).
+- a `Rule`: our name(s) plus a named transform (permute for rotary layout, split of a fused qkv...),
+  or `optional(name)`: a head that checkpoints often carry but this config may not build (BERT's
+  pooler in a BertForMaskedLM file): loaded when the model has it, skipped when it does not.
 Any name that matches no pattern is an error: nothing is dropped silently.
 """
 
@@ -17,7 +19,12 @@ import torch
 @dataclass(frozen=True)
 class Rule:
     targets: tuple[str, ...]
-    transform: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # (tensor, config) -> tensor(s)
+    transform: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]] | None = None  # (tensor, config) -> tensor(s)
+    optional: bool = False  # skip it when the model has no such parameter
+
+
+def optional(name: str) -> Rule:
+    return Rule((name,), optional=True)
 
 
 WeightMap = dict[str, "str | None | Rule"]
@@ -27,17 +34,17 @@ def compile_map(weight_map: WeightMap) -> list[tuple[re.Pattern, str | None | Ru
     return [(re.compile(re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in weight_map.items()]
 
 
-def lookup(compiled, name: str) -> tuple[list[str], Callable | None] | None:
-    """Our names for one checkpoint tensor and the transform to apply ([] : skip it; None: unknown)."""
+def lookup(compiled, name: str) -> tuple[list[str], Callable | None, bool] | None:
+    """Our names for one checkpoint tensor, the transform to apply and whether the targets are optional
+    ([] : skip it; None: an unknown name)."""
     for pattern, target in compiled:
         m = pattern.match(name)
         if not m:
             continue
         layer = m.group(1) if m.groups() else None
         if target is None:
-            return [], None
-        targets = [target] if isinstance(target, str) else list(target.targets)
-        if layer is not None:
-            targets = [t.replace("{}", layer, 1) for t in targets]
-        return targets, None if isinstance(target, str) else target.transform
+            return [], None, False
+        rule = Rule((target,)) if isinstance(target, str) else target
+        targets = [t.replace("{}", layer, 1) if layer is not None else t for t in rule.targets]
+        return targets, rule.transform, rule.optional
     return None

@@ -1,4 +1,10 @@
-"""BERT weight map (Hugging Face layout: BertModel, BertForMaskedLM, BertForPreTraining)."""
+"""BERT weight map (Hugging Face layout: BertModel, BertForMaskedLM, BertForPreTraining).
+
+The pooler and the masked-LM head are optional: bert-base-uncased's own files carry both (and the
+next-sentence head) while its config.json says BertForMaskedLM, so each is loaded only when the
+config builds it."""
+
+from modelcode.loading.weight_maps import optional
 
 ENCODER: dict = {
     "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
@@ -23,18 +29,18 @@ ENCODER: dict = {
     "encoder.layer.{}.output.dense.bias": "layers.{}.output.bias",
     "encoder.layer.{}.output.LayerNorm.weight": "layers.{}.output_norm.weight",
     "encoder.layer.{}.output.LayerNorm.bias": "layers.{}.output_norm.bias",
-    "pooler.dense.weight": "pooler.weight",
-    "pooler.dense.bias": "pooler.bias",
+    "pooler.dense.weight": optional("pooler.weight"),
+    "pooler.dense.bias": optional("pooler.bias"),
 }
 
 HEADS: dict = {
-    "cls.predictions.transform.dense.weight": "mlm.dense.weight",
-    "cls.predictions.transform.dense.bias": "mlm.dense.bias",
-    "cls.predictions.transform.LayerNorm.weight": "mlm.norm.weight",
-    "cls.predictions.transform.LayerNorm.bias": "mlm.norm.bias",
-    "cls.predictions.decoder.weight": "mlm.decoder.weight",  # absent when tied to the word embedding
-    "cls.predictions.decoder.bias": "mlm.decoder.bias",
-    "cls.predictions.bias": "mlm.bias",  # the same tensor as the decoder's bias when tied (see models/bert.py)
+    "cls.predictions.transform.dense.weight": optional("mlm.dense.weight"),
+    "cls.predictions.transform.dense.bias": optional("mlm.dense.bias"),
+    "cls.predictions.transform.LayerNorm.weight": optional("mlm.norm.weight"),
+    "cls.predictions.transform.LayerNorm.bias": optional("mlm.norm.bias"),
+    "cls.predictions.decoder.weight": optional("mlm.decoder.weight"),  # absent when tied to the word embedding
+    "cls.predictions.decoder.bias": optional("mlm.decoder.bias"),
+    "cls.predictions.bias": optional("mlm.bias"),  # the same tensor as the decoder's bias when tied (see models/bert.py)
     "cls.seq_relationship.weight": None,  # BertForPreTraining's next-sentence head: not used here
     "cls.seq_relationship.bias": None,
 }
