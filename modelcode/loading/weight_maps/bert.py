@@ -40,7 +40,7 @@ HEADS: dict = {
     "cls.predictions.transform.LayerNorm.bias": optional("mlm.norm.bias"),
     "cls.predictions.decoder.weight": optional("mlm.decoder.weight"),  # absent when tied to the word embedding
     "cls.predictions.decoder.bias": optional("mlm.decoder.bias"),
-    "cls.predictions.bias": optional("mlm.bias"),  # the same tensor as the decoder's bias when tied (see models/bert.py)
+    "cls.predictions.bias": optional("mlm.bias"),  # the decoder bias itself when tied (see models/bert.py)
     "cls.seq_relationship.weight": None,  # BertForPreTraining's next-sentence head: not used here
     "cls.seq_relationship.bias": None,
 }
