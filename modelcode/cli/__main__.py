@@ -13,6 +13,7 @@ COMMANDS = {
     "classify": "modelcode.cli.classify",
     "embed": "modelcode.cli.embed",
     "similarity": "modelcode.cli.similarity",
+    "show": "modelcode.cli.show",
 }
 
 

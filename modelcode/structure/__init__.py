@@ -1,0 +1,84 @@
+"""Views of a model's structure: `describe(model)`, a text tree with shapes, parameter counts and dtypes, and
+`draw(model, "model.svg", "model.png")`, a diagram of the architecture traced from the model itself.
+
+Both run the model once on a small sample batch for its task, watching which modules and torch functions
+it calls (see `trace.py`); `empty_model(folder)` builds a checkpoint's model on the meta device from its
+config alone, so that looking at a 70B model costs no memory and no weight reading.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelcode.structure import sample as samples
+from modelcode.structure.graph import Diagram, build
+from modelcode.structure.trace import Trace, trace
+from modelcode.structure.tree import Tree, describe, dtype_name, shape_text
+
+__all__ = ["Diagram", "Tree", "describe", "diagram", "draw", "empty_model", "trace_model"]
+
+
+def trace_model(model: nn.Module, task: str | None = None) -> Trace:
+    """Run the model once on its task's sample batch and record the calls."""
+    t = samples.task(model, task)
+    return trace(model, t.inputs(model.config, samples.device_of(model)), t.run)
+
+
+def diagram(model: nn.Module, task: str | None = None, traced: Trace | None = None,
+            title: str | None = None) -> Diagram:
+    """The graph the picture draws: boxes, frames and arrows (see `graph.py`)."""
+    return build(model, traced or trace_model(model, task), title or type(model).__name__)
+
+
+def subtitle(model: nn.Module, tree: Tree) -> str:
+    dtypes = sorted({dtype_name(p.dtype) for p in model.parameters()})
+    ins = ", ".join(f"{k} {shape_text(s)}" for k, s in tree.inputs.items())
+    text = f"{tree.total_params:,} parameters · {', '.join(dtypes)} · sample input: {ins}"
+    if tree.kv_cache is not None:
+        text += f" · KV cache {tree.kv_cache.bytes_per_token:,} bytes per {tree.kv_cache.per}"
+    return text
+
+
+def draw(model: nn.Module, *paths: str | Path, task: str | None = None, title: str | None = None,
+         traced: Trace | None = None, tree: Tree | None = None) -> list[Path]:
+    """Draw the architecture into each path (.svg, .png, .pdf: by suffix), under `title` (default: the model's
+    class name). `traced` and `tree`, when the caller has them already, save running the sample again."""
+    from modelcode.structure.picture import render, save
+
+    if not paths:
+        raise ValueError("draw(model, path, ...) needs at least one file to write, e.g. 'model.svg'")
+    traced = traced or trace_model(model, task)
+    tree = tree or describe(model, task, traced=traced)
+    fig = render(diagram(model, traced=traced, title=title), subtitle(model, tree))
+    try:
+        return [save(fig, p) for p in paths]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def empty_model(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                preset: str | None = None) -> nn.Module:
+    """The model of a checkpoint folder (or an embedded model's name) built on the meta device from its
+    config: every shape and dtype, no weights read. dtype: default the checkpoint's own."""
+    from modelcode import quantization
+    from modelcode.api import resolve_path
+    from modelcode.loading.checkpoint import read_tensors, weight_files
+    from modelcode.loading.loader import read_config, resolve_dtype
+    from modelcode.models import registry
+
+    folder = resolve_path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    arch, config = read_config(folder, preset)
+    if arch is registry.META_LLAMA and config.vocab_size is None:  # Llama 2's params.json says -1
+        config.vocab_size = next(t.shape[0] for t in read_tensors(weight_files(folder))
+                                 if t.name == "tok_embeddings.weight")
+    with torch.device("meta"):
+        model = arch.model(config).to(resolve_dtype(dtype, getattr(config, "torch_dtype", None)))
+        quantized = quantization.read_quantized(folder)
+        if quantized:  # a folder written by `modelcode quantize`: its layers are quantized
+            quantization.prepare_to_load(model, *quantized)
+    return model.eval()
