@@ -79,21 +79,23 @@ def test_bad_input():
 
 
 def test_cli_writes_a_folder_that_loads_and_prints_the_report(tmp_path, capsys, lm):
-    cli(["quantize", "tinystories-656k", "--mode", "int4", "--group-size", "64", "--out", str(tmp_path / "q")])
+    cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q")])
     out = capsys.readouterr().out
-    assert "int4, group size 64, 14 Linear layers quantized" in out
+    assert "int8, 14 Linear layers quantized" in out
     assert "quality on 8 held-out texts" in out and "perplexity" in out and "greedy" in out
     q = modelcode.load(tmp_path / "q")
-    assert isinstance(q.model.layers[1].feed_forward.w2, PackedInt4Linear)
-    assert q.model.layers[1].feed_forward.w2.group_size == 64
+    assert isinstance(q.model.layers[1].feed_forward.w2, Int8Linear)
     ppl = float(out.split("perplexity")[1].split("->")[1].split()[0])  # the report measured the written folder
     stories = [lm.tokenizer.encode(t, bos=True, eos=True) for t in read_texts()]
     assert perplexity(q.model, stories) == pytest.approx(ppl, abs=1e-3)
 
 
-def test_cli_without_report_and_bad_group_size(tmp_path, capsys):
-    cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q"), "--no-report"])
-    assert "perplexity" not in capsys.readouterr().out
-    assert isinstance(modelcode.load(tmp_path / "q").model.layers[0].attention.wq, Int8Linear)
+def test_cli_int4_without_report_and_bad_group_size(tmp_path, capsys):
+    cli(["quantize", "tinystories-656k", "--mode", "int4", "--group-size", "64", "--out", str(tmp_path / "q"),
+         "--no-report"])
+    out = capsys.readouterr().out
+    assert "int4, group size 64, 14 Linear layers quantized" in out and "perplexity" not in out
+    layer = modelcode.load(tmp_path / "q").model.layers[0].attention.wq
+    assert isinstance(layer, PackedInt4Linear) and layer.group_size == 64
     with pytest.raises(SystemExit, match="group_size 48 is not supported: use one of 32, 64, 128, 256"):
         cli(["quantize", "tinystories-656k", "--mode", "int4", "--group-size", "48", "--out", str(tmp_path / "b")])
