@@ -8,9 +8,9 @@ g = k // group_size; `zero` is the value that code 8 stands for.
 
 Each layer exists in a portable form, which is what a checkpoint stores and what works on any device:
 `Int8Linear` (int8 rows + scales) and `Int4Linear` (two 4-bit codes per byte + scales and zeros). PyTorch's
-int4 kernels want the weight rearranged into a layout that depends on the device (and on the CPU's vector
-width), so `Int4Linear.pack()` returns a `PackedInt4Linear` for the device the weights are on; that layout
-is never written to disk.
+int4 kernels want the weight rearranged into a layout that differs between CPU and CUDA and is internal to
+PyTorch, so `Int4Linear.pack()` returns a `PackedInt4Linear` for the device the weights are on; that
+layout is never written to disk.
 """
 
 import warnings
