@@ -51,12 +51,7 @@ def draw(model: nn.Module, *paths: str | Path, task: str | None = None, title: s
     traced = traced or trace_model(model, task)
     tree = tree or describe(model, task, traced=traced)
     fig = render(diagram(model, traced=traced, title=title), subtitle(model, tree))
-    try:
-        return [save(fig, p) for p in paths]
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    return [save(fig, p) for p in paths]
 
 
 def empty_model(path: str | Path | None = None, dtype: torch.dtype | str | None = None,

@@ -24,6 +24,8 @@ from modelcode.structure.tree import shape_text
 PASS_THROUGH = {"view", "reshape", "transpose", "permute", "flatten", "contiguous", "expand", "expand_as", "to",
                 "float", "half", "bfloat16", "double", "type", "type_as", "unsqueeze", "squeeze", "clone", "detach",
                 "T"}
+# A module that only calls these (dropout, which does nothing at inference; nn.Identity) draws no box.
+IDENTITY_OPS = PASS_THROUGH | {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d"}
 # Functions whose result does not depend on the values they are given (position ids, zero token types).
 FACTORIES = {"arange", "zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like",
              "new_zeros", "new_ones", "new_full", "new_empty", "tensor", "linspace"}
@@ -220,6 +222,12 @@ class _Builder:
                 continue
             block = self.block_of(first)
             name = first.name.removeprefix(prefix).lstrip(".")
+            data_in = [v for v in first.inputs if v in self.data]
+            if (len(item) == 1 and block is None and set(_ops(first)) <= IDENTITY_OPS and len(data_in) == 1
+                    and len(first.outputs) == 1 and data_in[0] in producer):
+                producer[first.outputs[0]] = producer[data_in[0]]
+                self.data.add(first.outputs[0])
+                continue
             if block is not None or self.is_stack(first):
                 node = self.frame(item, graph, producer, labels, name, block is not None)
                 outputs = item[-1].outputs

@@ -3,14 +3,11 @@
 from collections import Counter
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no global state, no window, whatever the user's backend
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
-
-from modelcode.structure.graph import Diagram, Node  # noqa: E402
-from modelcode.structure.layout import (  # noqa: E402
+from modelcode.structure.graph import Diagram, Node
+from modelcode.structure.layout import (
     BOX_PAD_Y,
     LINE_SPACING,
     Layout,
@@ -86,12 +83,12 @@ def _arrow(ax, points, color: str, dashed: bool, head: bool) -> None:
                                  color=color, lw=1.3, linestyle=style, shrinkA=0, shrinkB=0, zorder=2))
 
 
-def render(diagram: Diagram, subtitle: str = "") -> plt.Figure:
+def render(diagram: Diagram, subtitle: str = "") -> Figure:
     lay = Layout(diagram)
     width = max(lay.width, text_width(subtitle, 9) + 20, 360.0) + 2 * MARGIN
     legend_h = _legend(None, diagram, MARGIN, 0.0, width - MARGIN)
     height = lay.height + 2 * MARGIN + TITLE_H + legend_h + 20
-    fig = plt.figure(figsize=(width / 72, height / 72))
+    fig = Figure(figsize=(width / 72, height / 72))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -145,7 +142,7 @@ def _legend(ax, diagram: Diagram, x0: float, y0: float, right: float) -> float:
     return y - y0 + 8
 
 
-def save(fig: plt.Figure, path: str | Path) -> Path:
+def save(fig: Figure, path: str | Path) -> Path:
     """Write the figure; the suffix (.svg, .png) chooses the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ The sample is small (one sequence of a few tokens, one image), made on the model
 on the meta device (`modelcode show` builds the model there from config.json alone) it costs nothing.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ def _tokens(n: int, vocab_size: int, device) -> torch.Tensor:
 class Task:
     inputs: Callable[[object, torch.device], dict[str, torch.Tensor]]  # (config, device) -> named inputs
     run: Callable[[nn.Module, dict], dict[str, torch.Tensor]]  # (model, inputs) -> named outputs
-    kv_cache: Callable[[nn.Module, dict], "KVCacheSize"] | None = None  # decoders only
+    kv_cache: Callable[[nn.Module, dict], "KVCacheSize | None"] | None = None  # decoders only
 
 
 def _run_encoder(model: nn.Module, x: dict) -> dict[str, torch.Tensor]:
@@ -76,7 +77,10 @@ class KVCacheSize:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_element
 
     @classmethod
-    def measure(cls, stored: list[tuple[torch.Tensor, torch.Tensor]], per: str = "token") -> "KVCacheSize":
+    def measure(cls, stored: list[tuple[torch.Tensor, torch.Tensor]], per: str = "token") -> "KVCacheSize | None":
+        """None when the model stored nothing (its forward takes a cache but does not use one)."""
+        if not stored:
+            return None
         k, v = stored[0]  # (B, n_kv, T, hd)
         shapes = {(t.shape[1], t.shape[3], t.element_size()) for kv in stored for t in kv}
         if len(shapes) != 1:
@@ -91,18 +95,21 @@ class KVCacheSize:
         return s
 
 
-def _kv_causal_lm(model: nn.Module, x: dict) -> KVCacheSize:
+def _kv_causal_lm(model: nn.Module, x: dict) -> KVCacheSize | None:
+    if "cache" not in inspect.signature(model.forward).parameters:
+        return None
     cache = RecordingCache()
     model(x["tokens"], cache=cache)
     return KVCacheSize.measure([cache.stored[i] for i in sorted(cache.stored)])
 
 
-def _kv_translation(model: nn.Module, x: dict) -> KVCacheSize:
+def _kv_translation(model: nn.Module, x: dict) -> KVCacheSize | None:
     cache = model.new_cache()
     cache.self_attn = RecordingCache()  # the target side; the cross-attention part fills `cache.cross` itself
     model.decode(x["target ids"], model.encode(x["source ids"]), cache=cache)
     size = KVCacheSize.measure([cache.self_attn.stored[i] for i in sorted(cache.self_attn.stored)], "target token")
-    size.cross_bytes_per_source_token = sum(t.nbytes for kv in cache.cross for t in kv) // x["source ids"].numel()
+    if size is not None:
+        size.cross_bytes_per_source_token = sum(t.nbytes for kv in cache.cross for t in kv) // x["source ids"].numel()
     return size
 
 

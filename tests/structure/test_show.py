@@ -206,3 +206,49 @@ def test_sliding_window_and_qkv_bias_show_in_tree_and_diagram(tmp_path):
     assert "wq: Linear 64→64, bias" in tree and "bias: wq, wk, wv" in detail and "wo: Linear 64→64 " in tree + " "
     tree, detail = seen["llama"]
     assert "sliding_window" not in tree + detail and "bias" not in tree + detail
+
+
+class _ToyBlock(torch.nn.Module):
+    """GPT-2's block written with torch's own layers: no model of ours, no name the diagram could know."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = torch.nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d),
+                                       torch.nn.Dropout(0.1))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _ToyGPT(torch.nn.Module):
+    def __init__(self, n_layers: int = 3, d: int = 32):
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": 100})()
+        self.wte, self.wpe, self.drop = torch.nn.Embedding(100, d), torch.nn.Embedding(64, d), torch.nn.Dropout(0.1)
+        self.h = torch.nn.ModuleList(_ToyBlock(d) for _ in range(n_layers))
+        self.ln_f, self.lm_head = torch.nn.LayerNorm(d), torch.nn.Linear(d, 100, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1])))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_a_model_outside_the_zoo_gets_its_diagram_from_its_code():
+    model = _ToyGPT().eval()
+    d = diagram(model, task="causal-lm")
+    frame = next(n for n in d.nodes.values() if n.kind == "frame")
+    assert (frame.name, frame.repeat) == ("h.0-2", 3)
+    inside = [n for n in frame.graph.nodes if n.kind != "port"]
+    assert [n.title for n in inside] == ["LayerNorm", "MultiheadAttention", "+", "LayerNorm", "Sequential", "+"]
+    assert [n.category for n in inside] == ["norm", "attention", "op", "norm", "mlp", "op"]
+    assert not any(n.title == "Dropout" for n in d.nodes.values())  # does nothing at inference: no box
+    assert "tied: weight = wte.weight" in by_name(d, "lm_head").detail
+    tree = describe(model, task="causal-lm")
+    assert tree.total_params == sum(p.numel() for p in model.parameters()) and tree.kv_cache is None
