@@ -125,21 +125,22 @@ def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
     q (m, V): the distributions the drafts were drawn from (None: one-hot, a deterministic drafter).
     """
     m = len(drafts)
-    d = torch.tensor(drafts, dtype=torch.long, device=logits.device)
     if params.temperature == 0.0:
         # Greedy: keep drafts while each is the target's own argmax; at the first disagreement (or after
         # the last draft) the target's argmax is the next token. Exactly what plain greedy decoding emits.
-        target = logits.argmax(dim=-1)  # (m + 1,)
-        n = int((target[:m] == d).cumprod(dim=0).sum())
-        return n, int(target[n])
+        target = logits.argmax(dim=-1).tolist()  # m + 1 tokens
+        n = next((i for i in range(m) if drafts[i] != target[i]), m)
+        return n, target[n]
     # Sampling (Leviathan et al. 2023, Chen et al. 2023), with p the target's and q the draft's
     # distribution (both after temperature, top-k and top-p), draft i with token x is:
     #   accepted with probability min(1, p_i(x) / q_i(x))   [tested as u * q < p, u ~ U[0, 1)];
     #   at the first rejection, stop and draw the next token from norm(max(p_i - q_i, 0)) instead;
     #   if all m are accepted, draw a bonus token from p_m.
     # Then every emitted token is distributed exactly as if drawn from p: where q overshoots p the excess
-    # is rejected, and the residual puts back precisely the mass q was missing.
+    # is rejected, and the residual puts back precisely the mass q was missing. With prompt lookup q is
+    # one-hot: x is kept with probability p_i(x), else the next token is drawn from p_i without x.
     p = probabilities(logits, params)  # (m + 1, V)
+    d = torch.tensor(drafts, dtype=torch.long, device=p.device)
     if q is None:
         q = torch.nn.functional.one_hot(d, p.shape[-1]).to(p.dtype)
     i = torch.arange(m, device=p.device)
@@ -172,7 +173,9 @@ def speculative_generate(model: nn.Module, prompt: list[int], max_new_tokens: in
     stats = SpeculationStats(target_passes=1, accepted_per_pass=[0] * (speculate_k + 1))
     tokens, new = list(prompt), []
     candidates = sample(logits, params, generator).tolist()  # the prefill's own next token
-    while budget > 0:  # (a budget of 0 returns at once)
+    if budget <= 0:
+        return SpeculativeOutput(new, stats)
+    while True:
         for token in candidates:
             if token in stop_ids:
                 return SpeculativeOutput(new, stats)
@@ -192,7 +195,6 @@ def speculative_generate(model: nn.Module, prompt: list[int], max_new_tokens: in
         stats.accepted += n
         stats.accepted_per_pass[n] += 1
         candidates = drafts[:n] + [token]
-    return SpeculativeOutput(new, stats)
 
 
 PROBE = 'Once upon a time, 42 naïve cats said: "Hello,\tworld!"\n你好 🙂'
