@@ -13,13 +13,14 @@ def main(model: str | None = None, *, out: str | None = None, svg: str | None = 
     memory used and no weights read.
 
     Args:
-        model: checkpoint folder, or an embedded model's name (default: the embedded TinyStories-656K).
+        model: checkpoint folder, or an embedded model's name (default: the embedded TinyStories-656K, or
+            with --preset alone, that preset's shape).
         out: folder for the two images, named after the model folder (default: the current directory).
         svg: write the SVG to this file (with --svg or --png, only the files named are written).
         png: write the PNG to this file.
         depth: levels of the tree to print below the model (default: all).
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
-        preset: the exact name of a known shape, for a Meta folder whose params.json is not enough.
+        preset: the exact name of a known shape (llama-3-8b, mistral-7b, ...): alone, it needs no folder.
     """
     from modelcode.api import resolve_path
     from modelcode.structure import describe, draw, empty_model, trace_model
@@ -29,7 +30,7 @@ def main(model: str | None = None, *, out: str | None = None, svg: str | None = 
     if depth is not None and depth < 0:
         raise ValueError(f"--depth must be 0 or more (levels below the model), got {depth}")
     m = empty_model(model, dtype=dtype, preset=preset)
-    name = resolve_path(model).resolve().name
+    name = preset if preset and model is None else resolve_path(model).resolve().name
     files = [Path(f) for f in (svg, png) if f] or [Path(out or ".") / f"{name}.{ext}" for ext in ("svg", "png")]
     traced = trace_model(m)
     tree = describe(m, depth=depth, traced=traced)

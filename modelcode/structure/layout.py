@@ -213,9 +213,6 @@ class Layout:
             readers = [self.ancestor_in(e.dst, g) for e in self.d.edges if e.src == n.id]
             lanes = [lane[r] for r in readers if r in lane]
             put(n.id, min(lanes) + 1 if lanes else 0)
-        if g.out_port is not None and g.out_port in first_pred:
-            taken.discard((row[g.out_port], lane[g.out_port]))
-            lane[g.out_port] = lane[first_pred[g.out_port]]
         return lane
 
     def _measure(self, g: Graph) -> tuple[float, float]:

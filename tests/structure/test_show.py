@@ -103,6 +103,7 @@ def test_svg_and_png_flags_write_just_those_files_and_depth_cuts_the_tree(tmp_pa
     (["show", "no/such/folder"], "checkpoint folder not found: no/such/folder"),
     (["show", "--out", "x", "--svg", "y.svg"], "use either --out DIR"),
     (["show", "--depth", "-1"], "--depth must be 0 or more"),
+    (["show", "--preset", "llama-9"], "unknown preset 'llama-9'; presets: llama-1b"),
 ])
 def test_bad_input_says_what_to_do(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -126,6 +127,13 @@ def test_kv_cache_bytes_equal_what_a_real_cache_stores(dtype, size, tmp_path):
     kv = describe(empty_model(folder, dtype=dtype)).kv_cache
     assert kv.bytes_per_token == stored == 2 * 3 * 2 * (64 // 4) * size
     assert "bytes per token" in str(kv) and describe(empty_model(tmp_path / "m"), task="causal-lm").kv_cache
+
+
+def test_a_preset_alone_shows_a_real_size_model_with_its_published_numbers():
+    tree = describe(empty_model(preset="llama-3.2-1b", dtype="bfloat16"))
+    assert tree.total_params == 1_235_814_400  # Llama 3.2 1B, as Meta's model card counts it (tied output)
+    assert tree.kv_cache.bytes_per_token == 32 * 1024  # 16 layers x 8 kv heads x 64 x 2 (k, v) x 2 bytes
+    assert "layers.0-15: TransformerBlock ×16" in str(tree) and "(1, 8, 128256)" in str(tree)
 
 
 def test_meta_and_real_models_give_the_same_tree(tmp_path):
