@@ -17,6 +17,7 @@ DEFAULT_MODEL = "tinystories-656k"
 TASKS = {
     "causal-lm": "modelcode.lm:LM",
     "image-classification": "modelcode.tasks.classification:ImageClassifier",
+    "translation": "modelcode.tasks.translation:Translator",
     "embedding": "modelcode.tasks.embedding:Embedder",
 }
 

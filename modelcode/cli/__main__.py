@@ -11,6 +11,7 @@ COMMANDS = {
     "info": "modelcode.cli.info",
     "quantize": "modelcode.cli.quantize",
     "classify": "modelcode.cli.classify",
+    "translate": "modelcode.cli.translate",
     "embed": "modelcode.cli.embed",
     "similarity": "modelcode.cli.similarity",
     "show": "modelcode.cli.show",

@@ -13,11 +13,13 @@ from modelcode.errors import UnsupportedModelError
 from modelcode.loading.weight_maps import bert as bert_maps
 from modelcode.loading.weight_maps import gpt_neox as gpt_neox_maps
 from modelcode.loading.weight_maps import llama as llama_maps
+from modelcode.loading.weight_maps import marian as marian_maps
 from modelcode.loading.weight_maps import vit as vit_maps
 from modelcode.models.bert import Bert, BertConfig
 from modelcode.models.gpt_neox import GPTNeoX, GPTNeoXConfig
 from modelcode.models.llama import PRESETS as LLAMA_PRESETS
 from modelcode.models.llama import Llama, LlamaConfig
+from modelcode.models.transformer import Transformer, TransformerConfig
 from modelcode.models.vit import ViT, ViTConfig
 
 
@@ -36,6 +38,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_neox": Architecture(GPTNeoXConfig.from_hf, GPTNeoX, gpt_neox_maps.HF),
     "bert": Architecture(BertConfig.from_hf, Bert, bert_maps.HF, task="embedding"),
     "vit": Architecture(ViTConfig.from_hf, ViT, vit_maps.HF, task="image-classification"),
+    "marian": Architecture(TransformerConfig.from_hf, Transformer, marian_maps.HF, task="translation"),
 }
 
 # Meta's own layout (params.json + consolidated.*.pth) exists for the Llama family only.

@@ -1,0 +1,153 @@
+"""Translation with Marian (opus-mt) checkpoints: their tokenizer and the `Translator` task.
+
+A Marian folder, as the hub ships it, cuts text into pieces with two sentencepiece models, one per
+language (`source.spm`, `target.spm`), but numbers the pieces with its own vocabulary (`vocab.json`,
+or `target_vocab.json` too when the two sides have separate vocabularies): a piece's sentencepiece
+id means nothing to the model. A source text is its pieces' vocabulary ids plus EOS; a leading
+language tag such as ">>fra<<" (multilingual models) is one token, never cut.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from modelcode.errors import CheckpointError
+from modelcode.models.transformer import Transformer, TransformerConfig
+from modelcode.tasks.seq2seq import SearchSettings, beam_search, greedy_search
+
+LANGUAGE_TAG = re.compile(r">>[^<>]+<<")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class MarianTokenizer:
+    """Text <-> ids for one Marian checkpoint folder, as transformers' MarianTokenizer maps them.
+
+    transformers would also apply Moses punctuation normalization when `sacremoses` is installed; we
+    do not (it changes only unusual punctuation such as typographic quotes).
+    """
+
+    def __init__(self, folder: Path):
+        missing = [n for n in ("source.spm", "target.spm", "vocab.json") if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"no {', '.join(missing)} in {folder}: a Marian folder needs source.spm, "
+                                  "target.spm and vocab.json; download them with the weights")
+        config = _read_json(folder / "tokenizer_config.json")
+        self.source = spm.SentencePieceProcessor(model_file=str(folder / "source.spm"))
+        self.target = spm.SentencePieceProcessor(model_file=str(folder / "target.spm"))
+        self.vocab: dict[str, int] = _read_json(folder / "vocab.json")
+        target_vocab = _read_json(folder / "target_vocab.json") if config.get("separate_vocabs") else self.vocab
+        self.target_pieces = {i: piece for piece, i in target_vocab.items()}
+        names = {key: config.get(key, default) for key, default in
+                 (("unk_token", "<unk>"), ("eos_token", "</s>"), ("pad_token", "<pad>"))}
+        for key, name in names.items():
+            if name not in self.vocab:
+                raise CheckpointError(f"{key} {name!r} of {folder} is not in vocab.json")
+        self.unk_id, self.eos_id, self.pad_id = (self.vocab[n] for n in names.values())
+        self.special_ids = {self.unk_id, self.eos_id, self.pad_id}
+
+    def encode(self, text: str) -> list[int]:
+        """Source ids of `text`, EOS included."""
+        tag = LANGUAGE_TAG.match(text)
+        pieces = [tag.group()] if tag else []
+        pieces += self.source.encode(text[tag.end():] if tag else text, out_type=str)
+        return [self.vocab.get(p, self.unk_id) for p in pieces] + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        """Target text of `ids`; EOS, padding and unknown tokens are left out."""
+        pieces = [self.target_pieces[i] for i in ids if i not in self.special_ids and i in self.target_pieces]
+        return self.target.decode_pieces(pieces).replace("\u2581", " ").strip()
+
+
+@dataclass
+class GenerationDefaults:
+    """A Marian folder's decoding settings: generation_config.json (older folders: config.json)."""
+
+    max_length: int = 512  # decoder tokens, the start token included
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    bad_words_ids: tuple[int, ...] = ()
+    forced_eos: bool = False
+    renormalize: bool = False
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: TransformerConfig) -> "GenerationDefaults":
+        c = _read_json(folder / "generation_config.json") or _read_json(folder / "config.json")
+        bad = c.get("bad_words_ids") or []
+        if any(len(words) != 1 for words in bad):
+            raise CheckpointError(f"bad_words_ids {bad} in {folder}: only single-token entries are supported")
+        max_length = c.get("max_length", cls.max_length)
+        if c.get("max_new_tokens"):
+            max_length = 1 + c["max_new_tokens"]
+        return cls(max_length=max_length, num_beams=c.get("num_beams", 1),
+                   length_penalty=c.get("length_penalty", 1.0), early_stopping=c.get("early_stopping", False),
+                   bad_words_ids=tuple(w[0] for w in bad if w[0] != config.eos_id),  # EOS is never banned
+                   forced_eos=c.get("forced_eos_token_id") is not None, renormalize=c.get("renormalize_logits", False))
+
+
+@dataclass
+class Translator:
+    """A loaded translation model (`modelcode.load` on a Marian folder)."""
+
+    model: Transformer
+    config: TransformerConfig
+    path: Path
+    tokenizer: MarianTokenizer
+    defaults: GenerationDefaults
+
+    @classmethod
+    def from_folder(cls, model: Transformer, config: TransformerConfig, folder: Path) -> "Translator":
+        return cls(model, config, folder, MarianTokenizer(folder), GenerationDefaults.from_folder(folder, config))
+
+    def settings(self, beams: int | None = None, max_new_tokens: int | None = None) -> SearchSettings:
+        d, c = self.defaults, self.config
+        max_new_tokens = min(d.max_length - 1, c.max_seq_len) if max_new_tokens is None else max_new_tokens
+        if not 1 <= max_new_tokens <= c.max_seq_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: this model has positions for 1 to {c.max_seq_len} "
+                             "target tokens")
+        beams = d.num_beams if beams is None else beams
+        if beams < 1:
+            raise ValueError(f"beams must be at least 1, got {beams}")
+        return SearchSettings(max_new_tokens=max_new_tokens, eos_id=c.eos_id, pad_id=c.pad_id,
+                              decoder_start_id=c.decoder_start_id, num_beams=beams, length_penalty=d.length_penalty,
+                              early_stopping=d.early_stopping, bad_ids=d.bad_words_ids, force_eos_at_end=d.forced_eos,
+                              renormalize=d.renormalize)
+
+    def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> source ids (B, S), padded on the right, and their mask (B, S)."""
+        ids = [self.tokenizer.encode(t) for t in texts]
+        for i, row in enumerate(ids):
+            if len(row) > self.config.max_seq_len:
+                raise ValueError(f"text {i} is {len(row)} tokens long, but this model has positions for "
+                                 f"{self.config.max_seq_len}: split it into shorter pieces (e.g. sentences)")
+        width = max(map(len, ids))
+        device = self.model.lm_head.weight.device
+        src = torch.tensor([row + [self.config.pad_id] * (width - len(row)) for row in ids], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=device)
+        return src, mask
+
+    def generate(self, texts: list[str], beams: int | None = None,
+                 max_new_tokens: int | None = None) -> list[list[int]]:
+        """Target ids of each translation, EOS included when it was reached."""
+        s = self.settings(beams, max_new_tokens)
+        src, mask = self.encode_batch(texts)
+        return (beam_search if s.num_beams > 1 else greedy_search)(self.model, src, mask, s)
+
+    def translate(self, texts: str | list[str], beams: int | None = None, max_new_tokens: int | None = None):
+        """Translate one text (-> str) or a list of texts (-> list[str]), batched.
+
+        beams: 1 is greedy decoding; default: the checkpoint's num_beams (4 for opus-mt).
+        max_new_tokens: the longest translation in tokens; default: the checkpoint's max_length - 1.
+        """
+        if isinstance(texts, str):
+            return self.translate([texts], beams, max_new_tokens)[0]
+        if not texts:
+            return []
+        return [self.tokenizer.decode(ids) for ids in self.generate(texts, beams, max_new_tokens)]
