@@ -266,8 +266,10 @@ class _Builder:
         if not data_in or c.name in FACTORIES:
             return
         out = self.trace.values[c.outputs[0]]
-        if c.name in PASS_THROUGH or (c.name == "getitem" and
-                                      _numel(out.shape) == _numel(self.trace.values[data_in[0]].shape)):
+        same_size = _numel(out.shape) == _numel(self.trace.values[data_in[0]].shape)
+        scalars = [a for a in c.consts if isinstance(a, int | float) and not isinstance(a, bool)]
+        identity = SYMBOLS.get(c.name) in ("×", "÷") and scalars == [1] and len(data_in) == 1  # x * 1.0
+        if c.name in PASS_THROUGH or identity or (c.name == "getitem" and same_size):
             self.param(data_in[0], graph, producer, params)
             src = producer.get(data_in[0], params.get(data_in[0]))
             for v in c.outputs:
@@ -277,7 +279,6 @@ class _Builder:
             return
         for v in data_in:
             self.param(v, graph, producer, params)
-        scalars = [a for a in c.consts if isinstance(a, int | float) and not isinstance(a, bool)]
         if c.name in SYMBOLS:
             title = SYMBOLS[c.name] + (f" {scalars[0]:g}" if scalars else "")
         elif c.name == "getitem":

@@ -12,6 +12,7 @@ import torch
 import transformers
 from PIL import Image
 
+from modelcode.api import EMBEDDED
 from modelcode.cli.__main__ import main as cli
 from modelcode.layers import ContiguousKVCache
 from modelcode.loading import load_model
@@ -85,7 +86,7 @@ def test_show_with_no_arguments_shows_the_embedded_model(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     cli(["show"])
     printed = capsys.readouterr().out
-    model, _, _ = load_model(Path(__import__("modelcode").api.EMBEDDED["tinystories-656k"]))
+    model, _, _ = load_model(EMBEDDED["tinystories-656k"])
     assert total_in(printed) == sum(p.numel() for p in model.parameters())
     assert "layers.0-1: TransformerBlock ×2" in printed and "bytes per token" in printed
     assert (tmp_path / "tinystories-656k.svg").stat().st_size > 0 and (tmp_path / "tinystories-656k.png").stat().st_size
