@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
+from modelcode.generation.compile import CompiledModel
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
 from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
 
@@ -44,6 +45,7 @@ class LM:
     chat_format: ChatFormat | None = None
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     stop_ids: frozenset[int] = frozenset()  # end of a plain completion: tokenizer EOS + generation_config
+    compiled: CompiledModel | None = None  # set by `compile()`
 
     @classmethod
     def from_folder(cls, model: nn.Module, config, folder: Path) -> "LM":
@@ -53,6 +55,18 @@ class LM:
             return cls(model, config, folder, defaults=GenerationDefaults.from_folder(folder))
         return cls(model, config, folder, tokenizer, load_chat_format(folder, tokenizer),
                    GenerationDefaults.from_folder(folder), tokenizer.stop_ids | generation_stop_ids(folder))
+
+    def compile(self, max_seq_len: int | None = None, autotune: bool = True) -> "LM":
+        """From now on, generate with a static KV cache of `max_seq_len` positions (default: the context, at
+        most 2048) and a compiled one-token decode step (see `generation/compile.py`). The first generation
+        of each batch size compiles; prompt and new tokens together end at `max_seq_len`. Returns self."""
+        self.compiled = CompiledModel(self.model, max_seq_len, autotune)
+        return self
+
+    @property
+    def runner(self) -> "nn.Module | CompiledModel":
+        """What generation runs: the compiled stand-in after `compile()`, else the model itself."""
+        return self.model if self.compiled is None else self.compiled
 
     def sampling(self, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None) -> SamplingParams:
@@ -80,7 +94,7 @@ class LM:
 
     def _generate(self, prompts, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
                   stop_ids) -> GenerationOutput:
-        return generate(self.model, prompts, max_new_tokens or self.defaults.max_new_tokens,
+        return generate(self.runner, prompts, max_new_tokens or self.defaults.max_new_tokens,
                         self.sampling(temperature, top_p, top_k), stop_ids, seed, logprobs, echo,
                         self._stop_check(prompts, stop))
 
@@ -147,7 +161,7 @@ class LM:
         """Iterate over the returned stream for text deltas as they are generated."""
         tok = self._tokenizer()
         ids = tok.encode(prompt, bos=tok.add_bos) if isinstance(prompt, str) else prompt
-        return TextStream(self.model, tok, ids, max_new_tokens or self.defaults.max_new_tokens,
+        return TextStream(self.runner, tok, ids, max_new_tokens or self.defaults.max_new_tokens,
                           self.sampling(temperature, top_p, top_k), self.stop_ids, stop, seed)
 
     def _completion(self, prompt: list[int], tokens: list[int], lps: list | None, stop: list[str] | None,

@@ -8,7 +8,7 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops 
 
 def main(*, model: str | None = None, system: str | None = None, max_new_tokens: int | None = None,
          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-         seed: int | None = None, dtype: str | None = None, device: str = "cpu") -> None:
+         seed: int | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False) -> None:
     """Chat with a model; the conversation's KV cache is kept between turns, so only the new turn is prefilled.
 
     Args:
@@ -21,12 +21,16 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         seed: random seed, for reproducible sampling.
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
         device: cpu, cuda, cuda:1, ...
+        compile: decode with a static KV cache and a compiled one-token step (torch.compile; CUDA graphs on GPU).
+            The first reply waits for the compilation (a minute or more on CPU).
     """
     import modelcode
     from modelcode.generation import ContextLengthError
     from modelcode.generation.session import ChatSession
 
     lm = modelcode.load(model, dtype=dtype, device=device)
+    if compile:
+        lm.compile()
     session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)

@@ -10,7 +10,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
          seed: int | None = None, stop: list[str] | None = None, dtype: str | None = None,
          device: str = "cpu", draft: str | None = None, prompt_lookup: int | None = None,
-         speculate_k: int = 4) -> None:
+         speculate_k: int = 4, compile: bool = False) -> None:
     """Generate text from one or more prompts; speed goes to stderr.
 
     Args:
@@ -28,10 +28,16 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         prompt_lookup: speculative decoding that drafts by finding the last N tokens (N down to 1) earlier in
             the text and proposing what followed them there.
         speculate_k: draft tokens the model checks per forward pass, with --draft or --prompt-lookup.
+        compile: decode with a static KV cache and a compiled one-token step (torch.compile; CUDA graphs on GPU).
+            Compiling takes a while (a minute or more on CPU) before the first token; it pays off on long outputs.
     """
     import modelcode
 
     lm = modelcode.load(model, dtype=dtype, device=device)
+    if compile:
+        if draft is not None or prompt_lookup is not None:
+            raise ValueError("--compile applies to plain decoding, not to --draft / --prompt-lookup: use one of them")
+        lm.compile()
     prompts = list(prompt) or [DEFAULT_PROMPT]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)

@@ -29,7 +29,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = self.lm.model.new_cache(1)
+        self.cache = self.lm.runner.new_cache(1)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.prefilled = 0  # tokens the last turn had to prefill
 
@@ -37,7 +37,7 @@ class ChatSession:
         """Add a user turn and stream the assistant's reply."""
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = self.chat.encode_dialog_prompt(messages, add_generation_prompt=True)
-        context = self.lm.model.config.max_seq_len
+        context = self.lm.runner.config.max_seq_len
         if len(prompt) >= context:
             raise ContextLengthError(f"the conversation has grown to {len(prompt)} tokens and no longer fits the "
                                      f"model's context of {context} tokens: /reset to start a new one")
@@ -45,7 +45,7 @@ class ChatSession:
         self.prefilled = len(prompt) - reused
         self.cached = self.cached[:reused]  # anything later in the cache is about to be overwritten
         s = dict(self.settings)
-        stream = TextStream(self.lm.model, self.lm.tokenizer, prompt, s.pop("max_new_tokens", None)
+        stream = TextStream(self.lm.runner, self.lm.tokenizer, prompt, s.pop("max_new_tokens", None)
                             or self.lm.defaults.max_new_tokens, self.lm.sampling(**{k: s.pop(k, None) for k in
                             ("temperature", "top_p", "top_k")}), self.chat.stop_ids | self.lm.stop_ids,
                             cache=self.cache, cached=reused, **s)

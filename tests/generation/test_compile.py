@@ -1,0 +1,97 @@
+"""Static KV cache and the compiled decode step: token-for-token the same output as plain generation, and
+one compilation per batch size, whatever the prompt lengths and numbers of new tokens."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import modelcode
+from modelcode.generation import ContextLengthError, SamplingParams, decode, generate, prefill
+from modelcode.generation.compile import CompiledModel
+from modelcode.generation.session import ChatSession
+
+PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a", "The sun"]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return modelcode.load("tinystories-656k")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    # autotune off: it only changes which kernels run, and would make this test minutes longer on CPU
+    return modelcode.load("tinystories-656k").compile(max_seq_len=128, autotune=False)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_static_cache_greedy_equals_contiguous_cache(plain):
+    model = plain.model
+    prompts = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS]
+    expected = generate(model, prompts, 40).tokens
+    cache = model.new_cache(len(prompts), 64, static=True)
+    logits, _ = prefill(model, cache, prompts)
+    lengths = [len(p) for p in prompts]
+    got = [[] for _ in prompts]
+    for step in decode(model, cache, logits, lengths, [40] * 3, SamplingParams()):
+        for b, t in enumerate(step.tokens):
+            if t is not None:
+                got[b].append(t)
+    assert got == expected
+
+
+def test_compiled_greedy_equals_plain_with_one_compilation_per_batch_size(plain, compiled):
+    before = graphs()
+    for prompt, n in zip(PROMPTS, (50, 20, 70)):  # prompt lengths and new-token counts all differ
+        ids = plain.tokenizer.encode(prompt, bos=True)
+        expected, _ = plain.generate([ids], max_new_tokens=n)
+        got, _ = compiled.generate([ids], max_new_tokens=n)
+        assert got == expected and len(got[0]) > 10
+    assert graphs() - before == 1  # batch size 1: compiled once, then reused as positions advanced
+    batch = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS[:2]]  # unequal lengths in one batch
+    assert compiled.generate(batch, max_new_tokens=30)[0] == plain.generate(batch, max_new_tokens=30)[0]
+    assert compiled.generate(batch[::-1], max_new_tokens=12)[0] == plain.generate(batch[::-1], max_new_tokens=12)[0]
+    assert graphs() - before == 2  # batch size 2: one more
+
+
+def test_compiled_sampling_with_a_seed_equals_plain(plain, compiled):
+    ids = plain.tokenizer.encode(PROMPTS[0], bos=True)
+    settings = dict(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    assert compiled.generate([ids], **settings) == plain.generate([ids], **settings)
+
+
+def test_compiled_stream_and_chat_equal_plain(plain, compiled):
+    assert list(compiled.stream(PROMPTS[1], max_new_tokens=25)) == list(plain.stream(PROMPTS[1], max_new_tokens=25))
+    chats = [ChatSession(lm, max_new_tokens=15) for lm in (plain, compiled)]
+    for turn in ("Hello", "Tell me a story"):  # the second turn reuses the cache of the first
+        replies = ["".join(chat.send(turn)) for chat in chats]
+        assert replies[0] == replies[1]
+    assert chats[1].cache is compiled.compiled.new_cache(1)  # the static cache, kept between turns
+
+
+def test_compiled_context_is_its_static_length(plain, compiled):
+    ids = plain.tokenizer.encode(PROMPTS[0], bos=True)
+    tokens, _ = compiled.generate([ids], max_new_tokens=500, stop_ids=frozenset())
+    assert len(ids) + len(tokens[0]) == 128  # ends where the static cache ends
+    with pytest.raises(ContextLengthError, match="128 tokens"):
+        compiled.generate([ids * 40], max_new_tokens=5)
+
+
+def test_bad_static_length_says_what_fits(plain):
+    with pytest.raises(ValueError, match=r"max_seq_len=4096 .* between 2 and the model's context \(512"):
+        CompiledModel(plain.model, max_seq_len=4096)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_greedy_equals_plain():
+    lm = modelcode.load("tinystories-656k", device="cuda")
+    ids = lm.tokenizer.encode(PROMPTS[0], bos=True)
+    expected, _ = lm.generate([ids], max_new_tokens=40)
+    lm.compile(max_seq_len=128)
+    before = graphs()
+    for n in (40, 17):
+        assert lm.generate([ids], max_new_tokens=n)[0] == [expected[0][:n]]
+    assert graphs() - before == 1
