@@ -226,7 +226,8 @@ class Encoder(nn.Module):
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
         positions = torch.arange(src.shape[1], device=src.device)
-        x = self.embed_tokens(src) * self.embed_scale + self.embed_positions(positions)  # (B, S, dim)
+        x = self.embed_tokens(src) * self.embed_scale  # (B, S, dim)
+        x = x + self.embed_positions(positions).to(x.dtype)
         mask = None if src_mask is None else padding_mask(src_mask)  # no query sees a padding key
         for layer in self.layers:
             x = layer(x, mask)
@@ -242,7 +243,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_decoder_layers))
 
     def forward(self, tgt, positions, memory, src_mask, cache: DecoderCache | None) -> torch.Tensor:
-        x = self.embed_tokens(tgt) * self.embed_scale + self.embed_positions(positions)  # (B, T, dim)
+        x = self.embed_tokens(tgt) * self.embed_scale  # (B, T, dim)
+        x = x + self.embed_positions(positions).to(x.dtype)
         memory_mask = None if src_mask is None else padding_mask(src_mask)
         for layer in self.layers:
             x = layer(x, positions, memory, memory_mask, cache)

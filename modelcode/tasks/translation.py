@@ -7,8 +7,8 @@ id means nothing to the model. A source text is its pieces' vocabulary ids plus 
 language tag such as ">>fra<<" (multilingual models) is one token, never cut.
 """
 
-import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +18,15 @@ import torch
 from modelcode.errors import CheckpointError
 from modelcode.models.transformer import Transformer, TransformerConfig
 from modelcode.tasks.seq2seq import SearchSettings, beam_search, greedy_search
+from modelcode.tokenization import Tokenizer
+from modelcode.tokenization.base import read_json, token_content, tokenizer_config
 
 LANGUAGE_TAG = re.compile(r">>[^<>]+<<")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-class MarianTokenizer:
-    """Text <-> ids for one Marian checkpoint folder, as transformers' MarianTokenizer maps them.
+class MarianTokenizer(Tokenizer):
+    """Text <-> ids for one Marian checkpoint folder, as transformers' MarianTokenizer maps them:
+    `encode` reads source text (add `eos=True`, as the model expects), `decode` writes target text.
 
     transformers would also apply Moses punctuation normalization when `sacremoses` is installed; we
     do not (it changes only unusual punctuation such as typographic quotes).
@@ -38,31 +37,48 @@ class MarianTokenizer:
         if missing:
             raise CheckpointError(f"no {', '.join(missing)} in {folder}: a Marian folder needs source.spm, "
                                   "target.spm and vocab.json; download them with the weights")
-        config = _read_json(folder / "tokenizer_config.json")
+        config = tokenizer_config(folder)
         self.source = spm.SentencePieceProcessor(model_file=str(folder / "source.spm"))
         self.target = spm.SentencePieceProcessor(model_file=str(folder / "target.spm"))
-        self.vocab: dict[str, int] = _read_json(folder / "vocab.json")
-        target_vocab = _read_json(folder / "target_vocab.json") if config.get("separate_vocabs") else self.vocab
+        self.vocab: dict[str, int] = read_json(folder / "vocab.json")
+        target_vocab = read_json(folder / "target_vocab.json") if config.get("separate_vocabs") else self.vocab
         self.target_pieces = {i: piece for piece, i in target_vocab.items()}
-        names = {key: config.get(key, default) for key, default in
-                 (("unk_token", "<unk>"), ("eos_token", "</s>"), ("pad_token", "<pad>"))}
-        for key, name in names.items():
+        names = [token_content(config.get(key)) or default for key, default in
+                 (("unk_token", "<unk>"), ("eos_token", "</s>"), ("pad_token", "<pad>"))]
+        for name in names:
             if name not in self.vocab:
-                raise CheckpointError(f"{key} {name!r} of {folder} is not in vocab.json")
-        self.unk_id, self.eos_id, self.pad_id = (self.vocab[n] for n in names.values())
-        self.special_ids = {self.unk_id, self.eos_id, self.pad_id}
+                raise CheckpointError(f"special token {name!r} of {folder} is not in vocab.json")
+        self.special_tokens = {name: self.vocab[name] for name in names}
+        self.unk_id, self.eos_id, self.pad_id = self.special_tokens.values()
+        self.add_eos, self.vocab_size = True, len(self.vocab)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")")
 
-    def encode(self, text: str) -> list[int]:
-        """Source ids of `text`, EOS included."""
+    def _encode(self, text: str, parse_special: bool) -> list[int]:
+        if not parse_special:
+            return self._encode_plain(text)
+        # re.split with a group alternates text, special token, text, ...
+        parts = self._special_re.split(text)
+        return [i for n, part in enumerate(parts) for i in
+                ([self.special_tokens[part]] if n % 2 else self._encode_plain(part))]
+
+    def _encode_plain(self, text: str) -> list[int]:
         tag = LANGUAGE_TAG.match(text)
         pieces = [tag.group()] if tag else []
         pieces += self.source.encode(text[tag.end():] if tag else text, out_type=str)
-        return [self.vocab.get(p, self.unk_id) for p in pieces] + [self.eos_id]
+        return [self.vocab.get(p, self.unk_id) for p in pieces]
 
-    def decode(self, ids: list[int]) -> str:
-        """Target text of `ids`; EOS, padding and unknown tokens are left out."""
-        pieces = [self.target_pieces[i] for i in ids if i not in self.special_ids and i in self.target_pieces]
-        return self.target.decode_pieces(pieces).replace("\u2581", " ").strip()
+    def decode(self, ids: Sequence[int]) -> str:
+        """Target text of `ids`, special tokens written as their text (drop them first for a translation)."""
+        specials = {i: name for name, i in self.special_tokens.items()}
+        text, run = "", []
+        for i in ids:
+            if i in specials:
+                text += self.target.decode_pieces(run) + specials[i] + " "
+                run = []
+            else:
+                run.append(self.target_pieces.get(i, specials[self.unk_id]))
+        text += self.target.decode_pieces(run)
+        return text.replace("\u2581", " ").strip()
 
 
 @dataclass
@@ -79,7 +95,7 @@ class GenerationDefaults:
 
     @classmethod
     def from_folder(cls, folder: Path, config: TransformerConfig) -> "GenerationDefaults":
-        c = _read_json(folder / "generation_config.json") or _read_json(folder / "config.json")
+        c = read_json(folder / "generation_config.json") or read_json(folder / "config.json")
         bad = c.get("bad_words_ids") or []
         if any(len(words) != 1 for words in bad):
             raise CheckpointError(f"bad_words_ids {bad} in {folder}: only single-token entries are supported")
@@ -122,7 +138,7 @@ class Translator:
 
     def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> source ids (B, S), padded on the right, and their mask (B, S)."""
-        ids = [self.tokenizer.encode(t) for t in texts]
+        ids = [self.tokenizer.encode(text, eos=True) for text in texts]
         for i, row in enumerate(ids):
             if len(row) > self.config.max_seq_len:
                 raise ValueError(f"text {i} is {len(row)} tokens long, but this model has positions for "
@@ -150,4 +166,6 @@ class Translator:
             return self.translate([texts], beams, max_new_tokens)[0]
         if not texts:
             return []
-        return [self.tokenizer.decode(ids) for ids in self.generate(texts, beams, max_new_tokens)]
+        specials = set(self.tokenizer.special_tokens.values())  # EOS, and padding after it
+        return [self.tokenizer.decode([i for i in ids if i not in specials])
+                for ids in self.generate(texts, beams, max_new_tokens)]

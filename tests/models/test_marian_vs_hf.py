@@ -82,13 +82,19 @@ def test_tokenizer_equals_transformers(variant, tmp_path):
     marian_folder(tmp_path, variant)
     hf, ours = hf_tokenizer(tmp_path), modelcode.load(tmp_path).tokenizer
     texts = [*EN[:3], ">>deu<< where is the dog", "Zürich costs 5½ €", "", "  two  spaces "]
-    assert [ours.encode(t) for t in texts] == hf(texts).input_ids
+    assert [ours.encode(t, eos=True) for t in texts] == hf(texts).input_ids
     assert ours.encode(">>deu<< a dog")[0] == hf.encoder[">>deu<<"]
+    special = "the dog </s> is<pad>good <unk> x"  # transformers reads special-token text as the token
+    assert ours.encode(special, eos=True, parse_special=True) == hf(special).input_ids
+    assert ours.encode(special).count(ours.eos_id) == 0  # plain text stays plain
     g = torch.Generator().manual_seed(1)
     n_target = len(json.loads((tmp_path / ("vocab.json" if variant == "opus-mt" else "target_vocab.json")).read_text()))
     for _ in range(20):
         ids = torch.randint(0, n_target, (12,), generator=g).tolist()
-        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True, use_source_tokenizer=False)
+        ids[3:5] = [ours.eos_id, ours.pad_id]
+        assert ours.decode(ids) == hf.decode(ids, use_source_tokenizer=False)
+        kept = [i for i in ids if i not in ours.special_tokens.values()]
+        assert ours.decode(kept) == hf.decode(ids, skip_special_tokens=True, use_source_tokenizer=False)
 
 
 def test_greedy_equals_transformers(trained, translator):
@@ -159,6 +165,12 @@ def test_translate_gives_transformers_text(trained, translator):
     assert translator.translate(TEXTS) == texts
     assert translator.translate(EN[3]) == DE[3]  # a sentence it learned, as a single string
     assert translator.translate([]) == []
+
+
+def test_bfloat16(trained):
+    translator = modelcode.load(trained[0], dtype="bfloat16")
+    assert translator.model.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(translator.translate(EN[0], beams=2, max_new_tokens=6), str)
 
 
 def test_text_too_long(translator):

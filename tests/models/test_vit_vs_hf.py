@@ -159,3 +159,9 @@ def test_cli_classify(folder, images, capsys):
 def test_cli_classify_bad_image(folder, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"modelcode classify: error: image not found: .*missing\.jpg"):
         cli(["classify", str(tmp_path / "missing.jpg"), "--model", str(folder)])
+
+
+def test_bfloat16(folder, images):
+    clf = modelcode.load(folder, dtype="bfloat16")
+    assert clf.model.classifier.weight.dtype == torch.bfloat16
+    assert len(clf.classify(images[0], top_k=2)) == 2
