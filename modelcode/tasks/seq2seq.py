@@ -30,7 +30,7 @@ class SearchSettings:
     length_penalty: float = 1.0  # finished beams are ranked by sum(log p) / length ** length_penalty
     early_stopping: bool | str = False  # True: stop at num_beams finished; "never": the textbook rule
     bad_ids: tuple[int, ...] = ()  # tokens never generated (Marian bans its pad token)
-    force_eos_at_end: bool = False  # the last possible token is EOS (forced_eos_token_id)
+    forced_eos_ids: tuple[int, ...] = ()  # the last step may only end (forced_eos_token_id)
     renormalize: bool = False  # log-softmax again after the processors (renormalize_logits)
 
 
@@ -38,8 +38,9 @@ def process(scores: torch.Tensor, step: int, s: SearchSettings) -> torch.Tensor:
     """The logits processors, on scores (N, vocab) for the token at 0-based `step`."""
     if s.bad_ids:
         scores = scores.index_fill(-1, torch.tensor(s.bad_ids, device=scores.device), -torch.inf)
-    if s.force_eos_at_end and step == s.max_new_tokens - 1:
-        scores = torch.full_like(scores, -torch.inf).index_fill(-1, torch.tensor([s.eos_id], device=scores.device), 0)
+    if s.forced_eos_ids and step == s.max_new_tokens - 1:
+        forced = torch.tensor(s.forced_eos_ids, device=scores.device)
+        scores = torch.full_like(scores, -torch.inf).index_fill(-1, forced, 0)
     return F.log_softmax(scores, dim=-1) if s.renormalize else scores
 
 

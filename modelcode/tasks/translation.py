@@ -81,6 +81,10 @@ class MarianTokenizer(Tokenizer):
         return text.replace("\u2581", " ").strip()
 
 
+def _ids(value: int | list[int] | None) -> tuple[int, ...]:
+    return () if value is None else tuple(value) if isinstance(value, list) else (value,)
+
+
 @dataclass
 class GenerationDefaults:
     """A Marian folder's decoding settings: generation_config.json (older folders: config.json)."""
@@ -90,7 +94,7 @@ class GenerationDefaults:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     bad_words_ids: tuple[int, ...] = ()
-    forced_eos: bool = False
+    forced_eos_ids: tuple[int, ...] = ()
     renormalize: bool = False
 
     @classmethod
@@ -105,7 +109,7 @@ class GenerationDefaults:
         return cls(max_length=max_length, num_beams=c.get("num_beams", 1),
                    length_penalty=c.get("length_penalty", 1.0), early_stopping=c.get("early_stopping", False),
                    bad_words_ids=tuple(w[0] for w in bad if w[0] != config.eos_id),  # EOS is never banned
-                   forced_eos=c.get("forced_eos_token_id") is not None, renormalize=c.get("renormalize_logits", False))
+                   forced_eos_ids=_ids(c.get("forced_eos_token_id")), renormalize=c.get("renormalize_logits", False))
 
 
 @dataclass
@@ -133,7 +137,7 @@ class Translator:
             raise ValueError(f"beams must be at least 1, got {beams}")
         return SearchSettings(max_new_tokens=max_new_tokens, eos_id=c.eos_id, pad_id=c.pad_id,
                               decoder_start_id=c.decoder_start_id, num_beams=beams, length_penalty=d.length_penalty,
-                              early_stopping=d.early_stopping, bad_ids=d.bad_words_ids, force_eos_at_end=d.forced_eos,
+                              early_stopping=d.early_stopping, bad_ids=d.bad_words_ids, forced_eos_ids=d.forced_eos_ids,
                               renormalize=d.renormalize)
 
     def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

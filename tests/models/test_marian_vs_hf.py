@@ -1,6 +1,7 @@
 """Marian (the 2017 Transformer as opus-mt ships it) equals transformers' MarianMTModel: logits on a
 padded batch, the tokenizer's ids and text, greedy and beam-search translations token for token."""
 
+import copy
 import json
 import shutil
 import warnings
@@ -134,6 +135,29 @@ def test_beam_search_equals_transformers(name, trained, tmp_path):
                                    **{"num_beams": 4, **settings})
         actual = translator.generate(TEXTS, max_new_tokens=max_new_tokens)  # beams from generation_config.json
         assert actual == hf_ids(expected, hf.config.pad_token_id, hf.config.eos_token_id)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_banned_token_as_transformers(renormalize, trained, tmp_path):
+    """With the pad token made likely, banning it (bad_words_ids) and renormalizing the scores after the
+    ban both change the result; they must change it as in transformers."""
+    folder, hf = trained
+    hf = copy.deepcopy(hf)
+    pad = hf.config.pad_token_id
+    with torch.no_grad():
+        hf.final_logits_bias[0, pad] += 6.0
+    hf.generation_config.renormalize_logits = renormalize
+    hf.save_pretrained(tmp_path)
+    for name in ("source.spm", "target.spm", "vocab.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    translator = modelcode.load(tmp_path)
+    batch = hf_tokenizer(folder)(TEXTS, return_tensors="pt", padding=True)
+    for beams in (1, 4):
+        with torch.no_grad():
+            expected = hf.generate(**batch, do_sample=False, num_beams=beams, max_new_tokens=20)
+        assert translator.generate(TEXTS, beams=beams, max_new_tokens=20) == hf_ids(expected, pad, 0)
+    translator.defaults.bad_words_ids = ()
+    assert any(pad in ids for ids in translator.generate(TEXTS, beams=1, max_new_tokens=20))  # the ban matters
 
 
 def test_beam_search_differs_from_greedy(translator):
