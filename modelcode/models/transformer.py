@@ -262,7 +262,7 @@ class Transformer(nn.Module):
         # For training from scratch (a checkpoint overwrites it): embeddings of std 1/sqrt(dim), so that
         # scaled by sqrt(dim) they are about as large as the sinusoids added to them; PyTorch's N(0, 1)
         # would drown the positions.
-        for embedding in {self.encoder.embed_tokens, self.decoder.embed_tokens}:
+        for embedding in dict.fromkeys((self.encoder.embed_tokens, self.decoder.embed_tokens)):  # once if shared
             nn.init.normal_(embedding.weight, std=1 / self.encoder.embed_scale)
         self.lm_head = nn.Linear(cfg.dim, cfg.target_vocab_size, bias=cfg.output_bias)
         if cfg.tie_output:
