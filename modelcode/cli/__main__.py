@@ -15,6 +15,7 @@ COMMANDS = {
     "embed": "modelcode.cli.embed",
     "similarity": "modelcode.cli.similarity",
     "show": "modelcode.cli.show",
+    "bench": "modelcode.cli.bench",
 }
 
 

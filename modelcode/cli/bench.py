@@ -1,0 +1,51 @@
+"""`modelcode bench`: generation speed and memory, ours beside transformers' `generate` on the same weights."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+
+def main(*, model: str | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
+         autotune: bool = True, quantize: Literal["int8", "int4"] | None = None, group_size: int = 32,
+         batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
+         warmup: int = 1, hf: bool = True, threads: int | None = None, out: str = "bench.json",
+         plot: str | None = None) -> None:
+    """Measure prefill and decode speed, time to first token, memory and bandwidth for each batch size.
+
+    Decoding reads all the weights once per step, so the table also gives the bandwidth that achieves and
+    its share of the machine's roofline, measured first with a large streaming read on the same device.
+
+    Args:
+        model: checkpoint folder, embedded model's name, or a preset shape with random weights (e.g. llama-1b,
+            llama-3-8b: built on the meta device, nothing to download) (default: the embedded TinyStories-656K).
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own; bfloat16 for a preset).
+        device: cpu, cuda, ...
+        compile: decode with a static KV cache and a compiled step (compile time is reported as warmup_s).
+        autotune: with --compile on CPU, let inductor time its own matmul kernels against the library's and
+            keep the faster (--no-autotune compiles in a fraction of the time).
+        quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
+        group_size: int4 only: inputs per scale and zero.
+        batch_sizes: the batch sizes to measure.
+        prompt_len: tokens per prompt (random ids).
+        new_tokens: tokens generated per prompt (no stop token ends them early).
+        repeats: timed runs per configuration; the table shows their median.
+        warmup: untimed runs first, per batch size.
+        hf: also run transformers' generate on the same weights (--no-hf to skip).
+        threads: CPU threads for PyTorch (default: PyTorch's own choice).
+        out: the JSON file of all results.
+        plot: a PNG of tokens/s against batch size (default: the JSON's path with .png).
+    """
+    from modelcode.bench.report import plot as draw
+    from modelcode.bench.report import table
+    from modelcode.bench.run import Settings, bench
+
+    settings = Settings(model, dtype, device, compile, autotune, quantize, group_size, tuple(batch_sizes),
+                        prompt_len, new_tokens, repeats, warmup, hf, threads)
+    result = bench(settings, log=lambda line: print(line, file=sys.stderr))
+    print(table(result))
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    picture = draw(result, plot or out_path.with_suffix(".png"))
+    print(f"wrote {out_path} and {picture}", file=sys.stderr)

@@ -1,0 +1,110 @@
+"""`modelcode bench` and what it stands on: random-weight models, transformers' twin on the same tensors,
+the JSON, table and plot. Smoke-sized: no assertion here is about speed."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from modelcode.bench.run import Settings, bench
+from modelcode.bench.subjects import hf_twin, random_weights, to_hf_names, weight_bytes
+from modelcode.cli.__main__ import main as cli
+from modelcode.layers import RopeScaling
+from modelcode.loading.weight_maps import llama as llama_maps
+from modelcode.models.llama import Llama, LlamaConfig
+
+TINY = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, max_seq_len=64)
+VARIANTS = {
+    "llama3-gqa-tied": dict(rope_theta=500000.0, tie_word_embeddings=True),
+    "llama3.1-rope-scaling": dict(rope_scaling=RopeScaling("llama3", 8.0, 16, 1.0, 4.0)),
+    "mistral-sliding-window": dict(sliding_window=4),
+    "qwen2-qkv-bias": dict(qkv_bias=True),
+    "mha-mlp-bias": dict(n_kv_heads=4, mlp_bias=True, qkv_bias=True, o_bias=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_twin_shares_the_weights_and_equals_our_logits(variant):
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**{**TINY, **VARIANTS[variant]}))
+    random_weights(model, torch.float32, torch.device("cpu"), seed=1)
+    hf = hf_twin(model)
+    assert hf.model.layers[1].mlp.down_proj.weight.data_ptr() == model.layers[1].feed_forward.w2.weight.data_ptr()
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_random_weights_are_random_tied_and_in_the_dtype():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**TINY, tie_word_embeddings=True))
+    random_weights(model, torch.bfloat16, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert model.output.weight is model.tok_embeddings.weight
+    norms = [model.layers[0].attention_norm.weight, model.layers[0].ffn_norm.weight]
+    assert not torch.equal(*norms)  # a swap of the two would show in the parity test
+    assert model.rotary.inv_freq.device.type == "cpu"
+    # tied: the output head reads the embedding table every step, so it counts once
+    matrices = sum(p.numel() * 2 for p in model.parameters())
+    assert weight_bytes(model) == matrices + model.rotary.inv_freq.numel() * 4
+
+
+def test_weight_bytes_leave_out_an_untied_embedding():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**TINY))
+    random_weights(model, torch.float32, torch.device("cpu"))
+    total = sum(p.numel() * 4 for p in model.parameters()) + model.rotary.inv_freq.numel() * 4
+    assert weight_bytes(model) == total - model.tok_embeddings.weight.numel() * 4
+
+
+def test_unknown_name_in_the_inverse_weight_map_is_named():
+    with pytest.raises(KeyError, match="no checkpoint name for 'layers.0.attention.rope.freqs'"):
+        to_hf_names({"layers.0.attention.rope.freqs": torch.zeros(1)}, llama_maps.HF)
+
+
+def test_bench_cli_writes_sane_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "results" / "tiny.json"
+    cli(["bench", "--batch-sizes", "1", "2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "2",
+         "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["model"]["name"] == "tinystories-656k" and result["model"]["parameters"] == 656_000
+    assert result["model"]["weight_bytes_per_step"] > 2_600_000  # float32 weights, the tied embedding once
+    assert result["roofline_gbps"] > 0 and result["machine"]["torch_threads"] >= 1
+    assert [r["batch"] for r in result["results"]] == [1, 2]
+    for r in result["results"]:
+        for impl in ("ours", "transformers"):
+            x = r[impl]
+            assert x["decode_tok_s"] > 0 and x["prefill_tok_s"] > 0 and x["ttft_ms"] > 0
+            assert x["gbps"] > 0 and x["roofline_pct"] == pytest.approx(100 * x["gbps"] / result["roofline_gbps"])
+        assert r["ours"]["peak_memory_gb"] > 0
+        assert r["decode_speedup"] == pytest.approx(r["ours"]["decode_tok_s"] / r["transformers"]["decode_tok_s"])
+        assert r["same_tokens"]  # float32 greedy: transformers and we pick the same tokens
+    table = capsys.readouterr().out
+    assert "decode tok/s" in table and table.count("transformers") >= 2
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.format == "PNG" and png.size[0] > 400
+
+
+def test_bench_compiled_and_quantized_runs_without_transformers():
+    pytest.importorskip("modelcode.quantization")
+    result = bench(Settings(batch_sizes=(1,), prompt_len=4, new_tokens=3, repeats=1, warmup=1, hf=False,
+                            quantize="int8", compile=True, autotune=False), log=lambda _: None)
+    ours = result["results"][0]["ours"]
+    assert "transformers" not in result["results"][0] and ours["decode_tok_s"] > 0
+    assert result["model"]["quantize"] == "int8"
+    assert result["model"]["weight_bytes_per_step"] < 0.6 * 656_000 * 4  # int8 layers, float32 tied embedding
+
+
+def test_bench_bad_settings_say_what_to_do():
+    with pytest.raises(ValueError, match="no model 'no-such-model'.*llama-1b"):
+        bench(Settings(model="no-such-model", hf=False), log=lambda _: None)
+    with pytest.raises(ValueError, match="exceed the model's context of 512"):
+        bench(Settings(prompt_len=500, new_tokens=20, hf=False), log=lambda _: None)
+    with pytest.raises(ValueError, match="--new-tokens >= 2"):
+        bench(Settings(new_tokens=1, hf=False), log=lambda _: None)
+
+
+def test_transformers_twin_needs_a_folder_for_other_architectures():
+    with pytest.raises(ValueError, match="no transformers twin for a Linear without a Hugging Face folder"):
+        hf_twin(torch.nn.Linear(2, 2), None)
