@@ -7,10 +7,10 @@ from typing import Literal
 
 
 def main(*, model: str | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
-         autotune: bool = True, quantize: Literal["int8", "int4"] | None = None, group_size: int = 32,
-         batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-         warmup: int = 1, hf: bool = True, threads: int | None = None, out: str = "bench.json",
-         plot: str | None = None) -> None:
+         freeze: bool = True, autotune: bool = True, quantize: Literal["int8", "int4"] | None = None,
+         group_size: int = 32, batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
+         new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
+         out: str = "bench.json", plot: str | None = None) -> None:
     """Measure prefill and decode speed, time to first token, memory and bandwidth for each batch size.
 
     Decoding reads all the weights once per step, so the table also gives the bandwidth that achieves and
@@ -22,8 +22,10 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own; bfloat16 for a preset).
         device: cpu, cuda, ...
         compile: decode with a static KV cache and a compiled step (compile time is reported as warmup_s).
-        autotune: with --compile on CPU, let inductor time its own matmul kernels against the library's and
-            keep the faster (--no-autotune compiles in a fraction of the time).
+        freeze: with --compile on CPU, compile the weights in as constants: faster, but a second copy of the
+            weights in memory (--no-freeze: the compiled step reads the model's own weights).
+        autotune: with --compile and --freeze, let inductor time its own matmul kernels against the library's
+            and keep the faster (--no-autotune compiles in a fraction of the time).
         quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
         group_size: int4 only: inputs per scale and zero.
         batch_sizes: the batch sizes to measure.
@@ -40,7 +42,7 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
     from modelcode.bench.report import table
     from modelcode.bench.run import Settings, bench
 
-    settings = Settings(model, dtype, device, compile, autotune, quantize, group_size, tuple(batch_sizes),
+    settings = Settings(model, dtype, device, compile, freeze, autotune, quantize, group_size, tuple(batch_sizes),
                         prompt_len, new_tokens, repeats, warmup, hf, threads)
     result = bench(settings, log=lambda line: print(line, file=sys.stderr))
     print(table(result))

@@ -12,10 +12,12 @@ one host sync per step (reading the new tokens for stop checks) stay outside the
 `decode`.
 
 How the step is compiled depends on the device. On GPU the step is recorded as a CUDA graph and
-replayed, all its kernels with one launch (`mode="reduce-overhead"`). On CPU inductor writes C++ and,
-with `freezing`, takes the weights as constants, so with `max_autotune` it can pick its C++ micro-GEMM,
-prepacked for the weights, for the one-row matmuls of decoding: faster at streaming weights than eager
-`F.linear` with a single row. The price is a second, prepacked copy of the weights in memory.
+replayed, all its kernels with one launch (`mode="reduce-overhead"`). On CPU inductor writes C++; with
+`freeze` it takes the weights as constants, which lets `autotune` time its own C++ micro-GEMMs (AMX or
+AVX-512, on weights prepacked for them) against the library kernels, shape by shape, and keep the faster.
+For the one-row matmuls of decoding its kernels stream weights faster than eager `F.linear` (see
+BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
+compiling), a longer compile, and weights that must not change afterwards.
 """
 
 import dataclasses
@@ -30,15 +32,19 @@ from modelcode.layers import KVCache, StaticKVCache
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def compile_settings(device: torch.device, autotune: bool = True) -> tuple[dict, dict]:
+def compile_settings(device: torch.device, freeze: bool = True, autotune: bool = True) -> tuple[dict, dict]:
     """For a decode step on this device: keyword arguments for `torch.compile`, and the inductor settings
     to hold while it compiles."""
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}, {}  # CUDA graphs
-    # Freezing folds the weights into the compiled code as constants (inference only); max_autotune
-    # benchmarks inductor's C++ GEMM against the eager kernels for each matmul shape and keeps the faster;
-    # the C++ wrapper calls the kernels from C++ rather than Python.
-    return {}, {"freezing": True, "max_autotune": autotune, "cpp_wrapper": True}
+    # The C++ wrapper calls the kernels from C++ rather than Python: it matters for small models.
+    settings = {"cpp_wrapper": True}
+    if freeze:
+        # Freezing folds the weights into the compiled code as constants (inference only); max_autotune
+        # times inductor's C++ GEMMs, which need constant weights, against the library's for each shape.
+        settings |= {"freezing": True, "max_autotune": autotune, "max_autotune_report_choices_stats": False,
+                     "autotune_num_choices_displayed": 0}
+    return {}, settings
 
 
 class CompiledModel:
@@ -49,9 +55,13 @@ class CompiledModel:
     Its context is `max_seq_len` positions (prompt and new tokens together); `config.max_seq_len` says so
     to the generation code, which ends sequences there. It keeps one cache per batch size and hands the
     same one out again, so a compiled model serves one generation (or one chat) at a time.
+
+    CPU only: `freeze` compiles the weights in as constants (fastest, twice the weight memory, weights must
+    not change afterwards); `autotune`, with `freeze`, lets inductor time its own matmul kernels (slower to
+    compile). On GPU both are ignored: the step runs as a CUDA graph.
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int | None = None, autotune: bool = True):
+    def __init__(self, model: nn.Module, max_seq_len: int | None = None, freeze: bool = True, autotune: bool = True):
         context = model.config.max_seq_len
         if max_seq_len is not None and not 1 < max_seq_len <= context:
             raise ValueError(f"max_seq_len={max_seq_len} for the compiled cache must be between 2 and the model's "
@@ -61,7 +71,7 @@ class CompiledModel:
         self.config = dataclasses.replace(model.config, max_seq_len=self.max_seq_len)
         self.device = next(model.parameters()).device
         self._caches: dict[int, StaticKVCache] = {}
-        kwargs, self._inductor_settings = compile_settings(self.device, autotune)
+        kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, **kwargs)
         self._compiled: set[int] = set()  # batch sizes whose step has been compiled
@@ -102,6 +112,11 @@ class CompiledModel:
         # The first call compiles. Dynamo reads `freezing` while it traces, i.e. inside this call, so the
         # settings are held around it (global config, restored on exit).
         with config.patch(self._inductor_settings):
-            logits = self._step(tokens, positions, cache)
+            try:
+                logits = self._step(tokens, positions, cache)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                raise ValueError(f"torch.compile cannot capture {type(self.model).__name__}'s decode step as one "
+                                 "graph (e.g. dynamic NTK rotary scaling reads the largest position on the host "
+                                 f"every step): generate without compile. The compiler said: {e}") from e
         self._compiled.add(batch)
         return logits

@@ -3,6 +3,7 @@ one compilation per batch size, whatever the prompt lengths and numbers of new t
 
 import pytest
 import torch
+from hf_reference import tiny_hf_model
 from torch._dynamo.utils import counters
 
 import modelcode
@@ -80,9 +81,31 @@ def test_compiled_context_is_its_static_length(plain, compiled):
         compiled.generate([ids * 40], max_new_tokens=5)
 
 
+def test_unfrozen_compiled_step_reads_the_models_own_weights():
+    model = modelcode.load("tinystories-656k").model  # its own copy: the weights change below
+    lean = CompiledModel(model, max_seq_len=96, freeze=False)
+    ids = [1, 415, 1261, 263, 931]
+    before = graphs()
+    first = generate(model, [ids], 40).tokens
+    assert generate(lean, [ids], 40).tokens == first
+    assert graphs() - before == 1
+    with torch.no_grad():
+        model.norm.weight.mul_(torch.linspace(0.5, 1.5, model.norm.weight.numel()))
+    changed = generate(model, [ids], 40).tokens
+    assert changed != first and generate(lean, [ids], 40).tokens == changed
+
+
 def test_bad_static_length_says_what_fits(plain):
     with pytest.raises(ValueError, match=r"max_seq_len=4096 .* between 2 and the model's context \(512"):
         CompiledModel(plain.model, max_seq_len=4096)
+
+
+def test_a_model_that_cannot_be_captured_says_so(tmp_path):
+    hf = tiny_hf_model("dynamic-ntk-rope")  # its rotary frequencies follow the largest position, read on the host
+    hf.save_pretrained(tmp_path)
+    lm = modelcode.load(tmp_path).compile(freeze=False)
+    with pytest.raises(ValueError, match="cannot capture Llama's decode step as one graph.*without compile"):
+        lm.generate([[1, 2, 3]], max_new_tokens=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
