@@ -31,6 +31,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
     lm = modelcode.load(model, dtype=dtype, device=device)
     if compile:
         lm.compile()
+        print("[--compile: the first generation compiles the decode step; its time is included below]", file=sys.stderr)
     session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)

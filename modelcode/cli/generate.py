@@ -38,6 +38,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         if draft is not None or prompt_lookup is not None:
             raise ValueError("--compile applies to plain decoding, not to --draft / --prompt-lookup: use one of them")
         lm.compile()
+        print("[--compile: the first generation compiles the decode step; its time is included below]", file=sys.stderr)
     prompts = list(prompt) or [DEFAULT_PROMPT]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)
