@@ -62,3 +62,17 @@ def save_bin(model, folder: Path, shards: int = 1) -> Path:
 def random_prompts(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+def assert_cached_decode_equals_full_pass(model, vocab_size: int, static: bool, prefill: int = 5, length: int = 14):
+    """Prefill `prefill` tokens into a KV cache, then decode the rest one by one: the logits must equal
+    one full forward pass over the whole sequence (1e-5)."""
+    tokens = random_prompts(vocab_size, batch=2, length=length)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(batch_size=2, max_seq_len=32, static=static)
+        positions = torch.arange(length).expand(2, length)
+        steps = [model(tokens[:, :prefill], positions[:, :prefill], cache)]
+        for t in range(prefill, length):
+            steps.append(model(tokens[:, t : t + 1], positions[:, t : t + 1], cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hf_reference import random_prompts, save_bin
+from hf_reference import assert_cached_decode_equals_full_pass, random_prompts, save_bin
 
 import modelcode
 from modelcode.errors import CheckpointError
@@ -138,16 +138,7 @@ def neox(request, tmp_path_factory):
 @pytest.mark.parametrize("static", [False, True])
 def test_prefill_then_decode_equals_full_pass(neox, static):
     _, lm = neox
-    tokens = random_prompts(lm.config.vocab_size, batch=2, length=14)
-    prefill = 5
-    with torch.no_grad():
-        full = lm.model(tokens)
-        cache = lm.model.new_cache(batch_size=2, max_seq_len=32, static=static)
-        positions = torch.arange(14).expand(2, 14)
-        steps = [lm.model(tokens[:, :prefill], positions[:, :prefill], cache)]
-        for t in range(prefill, 14):
-            steps.append(lm.model(tokens[:, t : t + 1], positions[:, t : t + 1], cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decode_equals_full_pass(lm.model, lm.config.vocab_size, static)
 
 
 @pytest.mark.parametrize("variant", ["parallel-residual", "sequential-residual"])
