@@ -56,12 +56,13 @@ class LM:
         return cls(model, config, folder, tokenizer, load_chat_format(folder, tokenizer),
                    GenerationDefaults.from_folder(folder), tokenizer.stop_ids | generation_stop_ids(folder))
 
-    def compile(self, max_seq_len: int | None = None, freeze: bool = True, autotune: bool = True) -> "LM":
+    def compile(self, max_seq_len: int | None = None, freeze: bool = True, autotune: bool = True,
+                steps_per_call: int | None = None) -> "LM":
         """From now on, generate with a static KV cache of `max_seq_len` positions (default: the context, at
-        most 2048) and a compiled one-token decode step (see `generation/compile.py` for `freeze` and
-        `autotune`). The first generation of each batch size compiles; prompt and new tokens together end at
-        `max_seq_len`. Returns self."""
-        self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune)
+        most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune` and
+        `steps_per_call`). The first generation of each batch size (and sampling setting) compiles; prompt and
+        new tokens together end at `max_seq_len`. Returns self."""
+        self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call)
         return self
 
     @property

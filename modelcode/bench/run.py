@@ -32,6 +32,7 @@ class Settings:
     compile: bool = False
     freeze: bool = True  # with compile on CPU: weights compiled in as constants (a second copy of them)
     autotune: bool = True  # with compile and freeze: let inductor time its own GEMM kernels (slower to compile)
+    steps_per_call: int | None = None  # with compile: decode steps per compiled call (None: by model size)
     quantize: str | None = None  # "int8" or "int4"
     group_size: int = 32
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -114,7 +115,7 @@ def bench(s: Settings, log=print) -> dict:
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
                            quantize=s.quantize)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
-    runner = CompiledModel(model, slots, s.freeze, s.autotune) if s.compile else model
+    runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     avg_slots = slots if s.compile else s.prompt_len + s.new_tokens / 2
 
     rows = []

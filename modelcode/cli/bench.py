@@ -7,8 +7,9 @@ from typing import Literal
 
 
 def main(*, model: str | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
-         freeze: bool = True, autotune: bool = True, quantize: Literal["int8", "int4"] | None = None,
-         group_size: int = 32, batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
+         freeze: bool = True, autotune: bool = True, steps_per_call: int | None = None,
+         quantize: Literal["int8", "int4"] | None = None, group_size: int = 32,
+         batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
          new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
          out: str = "bench.json", plot: str | None = None) -> None:
     """Measure prefill and decode speed, time to first token, memory and bandwidth for each batch size.
@@ -21,11 +22,13 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
             llama-3-8b: built on the meta device, nothing to download) (default: the embedded TinyStories-656K).
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own; bfloat16 for a preset).
         device: cpu, cuda, ...
-        compile: decode with a static KV cache and a compiled step (compile time is reported as warmup_s).
+        compile: decode with a static KV cache and compiled decode steps (compile time is reported as warmup_s).
         freeze: with --compile on CPU, compile the weights in as constants: faster, but a second copy of the
             weights in memory (--no-freeze: the compiled step reads the model's own weights).
         autotune: with --compile and --freeze, let inductor time its own matmul kernels against the library's
             and keep the faster (--no-autotune compiles in a fraction of the time).
+        steps_per_call: with --compile, decode steps per compiled call (default: 8 for models of at most
+            64 MiB of weights, else 1).
         quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
         group_size: int4 only: inputs per scale and zero.
         batch_sizes: the batch sizes to measure.
@@ -42,8 +45,8 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
     from modelcode.bench.report import table
     from modelcode.bench.run import Settings, bench
 
-    settings = Settings(model, dtype, device, compile, freeze, autotune, quantize, group_size, tuple(batch_sizes),
-                        prompt_len, new_tokens, repeats, warmup, hf, threads)
+    settings = Settings(model, dtype, device, compile, freeze, autotune, steps_per_call, quantize, group_size,
+                        tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads)
     result = bench(settings, log=lambda line: print(line, file=sys.stderr))
     print(table(result))
     out_path = Path(out)

@@ -21,7 +21,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         seed: random seed, for reproducible sampling.
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
         device: cpu, cuda, cuda:1, ...
-        compile: decode with a static KV cache and a compiled one-token step (torch.compile; CUDA graphs on GPU).
+        compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
             The first reply waits for the compilation (a minute or more on CPU).
     """
     import modelcode
@@ -31,7 +31,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
     lm = modelcode.load(model, dtype=dtype, device=device)
     if compile:
         lm.compile()
-        print("[--compile: the first generation compiles the decode step; its time is included below]", file=sys.stderr)
+        print("[--compile: the first generation compiles; its time is included below]", file=sys.stderr)
     session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)

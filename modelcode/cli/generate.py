@@ -28,7 +28,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         prompt_lookup: speculative decoding that drafts by finding the last N tokens (N down to 1) earlier in
             the text and proposing what followed them there.
         speculate_k: draft tokens the model checks per forward pass, with --draft or --prompt-lookup.
-        compile: decode with a static KV cache and a compiled one-token step (torch.compile; CUDA graphs on GPU).
+        compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
             Compiling takes a while (a minute or more on CPU) before the first token; it pays off on long outputs.
     """
     import modelcode
@@ -38,7 +38,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         if draft is not None or prompt_lookup is not None:
             raise ValueError("--compile applies to plain decoding, not to --draft / --prompt-lookup: use one of them")
         lm.compile()
-        print("[--compile: the first generation compiles the decode step; its time is included below]", file=sys.stderr)
+        print("[--compile: the first generation compiles; its time is included below]", file=sys.stderr)
     prompts = list(prompt) or [DEFAULT_PROMPT]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)

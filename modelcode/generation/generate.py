@@ -8,6 +8,7 @@ strings), at `max_new_tokens`, or at the model's context length, whichever comes
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -73,6 +74,20 @@ def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]], cached: 
     return logits, [[None] + lp[: len(n) - 1] for lp, n in zip(all_lp, new)]
 
 
+def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, last_position: int,
+                params: SamplingParams, generator: torch.Generator | None,
+                logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed one token per sequence (B, 1) at its position, sample the next: ((B, 1) ids, (B, 1) logprobs or None).
+
+    Positions are clamped at `last_position` so that sequences which have already finished, idling while the
+    others decode, never write past the cache. A compiled model brings its own `decode_steps`, which does
+    several of these per call."""
+    logits = model(tokens, positions.clamp(max=last_position), cache)[:, -1]
+    next_tokens = sample(logits, params, generator)
+    lp = token_logprobs(logits, next_tokens)[:, None] if logprobs else None
+    return next_tokens[:, None], lp
+
+
 @torch.inference_mode()
 def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list[int], budgets: list[int],
            params: SamplingParams, stop_ids: frozenset[int] = frozenset(), generator: torch.Generator | None = None,
@@ -81,33 +96,39 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
 
     logits: (B, V) after each prompt's last token; lengths: each prompt's length (its next position).
     stop_check(b, token) -> True ends sequence b after that token (it is kept, unlike a stop id).
+    The model advances by `decode_step`, or by its own `decode_steps` (a compiled model: k tokens per call),
+    and the host reads each call's tokens at once, to check them for stops in order; tokens a sequence
+    sampled after its end are dropped.
     """
-    device = logits.device
-    positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
-    last_position = max(n + b for n, b in zip(lengths, budgets)) - 1  # finished sequences idle below it
+    advance = getattr(model, "decode_steps", None) or partial(decode_step, model)
+    positions = torch.tensor(lengths, device=logits.device)[:, None]  # (B, 1): where the next fed token goes
+    last_position = max(n + b for n, b in zip(lengths, budgets)) - 1
+    first = sample(logits, params, generator)
+    chunk = first[:, None]
+    chunk_lp = token_logprobs(logits, first)[:, None] if logprobs else None
     produced = [0] * len(lengths)
     done = [b <= 0 for b in budgets]
     while not all(done):
-        next_tokens = sample(logits, params, generator)  # (B,)
-        lp = token_logprobs(logits, next_tokens).tolist() if logprobs else None
-        step = Step([None] * len(done), [None] * len(done) if logprobs else None)
-        for b, token in enumerate(next_tokens.tolist()):  # the one host sync per step
-            if done[b]:
-                continue
-            if token in stop_ids:
-                done[b] = True
-                continue
-            step.tokens[b] = token
-            if lp is not None:
-                step.logprobs[b] = lp[b]
-            produced[b] += 1
-            stopped = stop_check is not None and stop_check(b, token)  # sees every token, the last one too
-            done[b] = stopped or produced[b] >= budgets[b]
-        yield step
-        if all(done):
-            return
-        logits = model(next_tokens[:, None], positions.clamp(max=last_position), cache)[:, -1]
-        positions = positions + 1
+        lps = chunk_lp.tolist() if logprobs else None
+        for i, column in enumerate(chunk.T.tolist()):  # the one host sync per call
+            step = Step([None] * len(done), [None] * len(done) if logprobs else None)
+            for b, token in enumerate(column):
+                if done[b]:
+                    continue
+                if token in stop_ids:
+                    done[b] = True
+                    continue
+                step.tokens[b] = token
+                if logprobs:
+                    step.logprobs[b] = lps[b][i]
+                produced[b] += 1
+                stopped = stop_check is not None and stop_check(b, token)  # sees every token, the last one too
+                done[b] = stopped or produced[b] >= budgets[b]
+            yield step
+            if all(done):
+                return
+        chunk, chunk_lp = advance(cache, chunk[:, -1:], positions, last_position, params, generator, logprobs)
+        positions = positions + chunk.shape[1]
 
 
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),

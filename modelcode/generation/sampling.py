@@ -42,17 +42,27 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids."""
+    greedy = params.temperature == 0.0
+    return choose(logits, params, None if greedy else exponential_race(logits.shape, logits.device, generator))
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, race: torch.Tensor | None) -> torch.Tensor:
+    """`sample` with its randomness given: `race` from `exponential_race` (None when greedy). A compiled
+    decode step takes the noise as an input, drawn outside it from the caller's seeded generator."""
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
-    return draw(probabilities(logits, params), generator)
+    return (probabilities(logits, params) / race).argmax(dim=-1)
+
+
+def exponential_race(shape: torch.Size, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) noise E: argmax(p / E) draws from p (the exponential-race form of the Gumbel-max trick),
+    without torch.multinomial's host sync."""
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(..., V) probabilities -> (...) token ids drawn from them."""
-    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential-race form of the Gumbel-max trick),
-    # without torch.multinomial's host sync.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return (probs / exponential_race(probs.shape, probs.device, generator)).argmax(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,32 @@ def test_compiled_stream_and_chat_equal_plain(plain, compiled):
     assert chats[1].cache is compiled.compiled.new_cache(1)  # the static cache, kept between turns
 
 
+def test_several_steps_per_call_end_each_sequence_exactly_where_plain_decoding_does(plain):
+    # 3 steps per call: budgets and stops fall in the middle of a call, and what a finished sequence sampled
+    # after its end (fed to the model, written to the cache) must never show, nor harm the others.
+    lm = modelcode.load("tinystories-656k").compile(max_seq_len=96, autotune=False, steps_per_call=3)
+    batch = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS]
+    free_run = plain.generate(batch[:1], max_new_tokens=12, stop_ids=frozenset())[0][0]
+    for n in (1, 2, 3, 4, 7):
+        assert lm.generate(batch, max_new_tokens=n)[0] == plain.generate(batch, max_new_tokens=n)[0]
+    stop = frozenset({free_run[4]})  # the 5th token: sequence 0 stops mid-call, the others go on
+    expected, expected_lp = plain.generate(batch, max_new_tokens=20, stop_ids=stop, logprobs=True)
+    got, got_lp = lm.generate(batch, max_new_tokens=20, stop_ids=stop, logprobs=True)
+    assert got == expected and len(got[0]) < 5 < len(got[1])
+    assert [len(lp) for lp in got_lp] == [len(t) for t in got]
+    torch.testing.assert_close(sum(got_lp, []), sum(expected_lp, []), atol=1e-4, rtol=0)
+
+
+def test_small_models_decode_several_steps_per_call(plain):
+    from modelcode.generation.compile import default_steps_per_call
+
+    assert default_steps_per_call(torch.nn.Linear(2048, 2048)) == 8  # 16 MiB of float32
+    with torch.device("meta"):
+        assert default_steps_per_call(torch.nn.Linear(8192, 8192)) == 1  # 256 MiB
+    with pytest.raises(ValueError, match="steps_per_call must be at least 1"):
+        CompiledModel(plain.model, steps_per_call=0)
+
+
 def test_compiled_context_is_its_static_length(plain, compiled):
     ids = plain.tokenizer.encode(PROMPTS[0], bos=True)
     tokens, _ = compiled.generate([ids], max_new_tokens=500, stop_ids=frozenset())
