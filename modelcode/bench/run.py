@@ -35,6 +35,7 @@ class Settings:
     steps_per_call: int | None = None  # with compile: decode steps per compiled call (None: by model size)
     quantize: str | None = None  # "int8" or "int4"
     group_size: int = 32
+    quantize_head: bool = False  # also quantize an untied output head
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     prompt_len: int = 128
     new_tokens: int = 64
@@ -93,6 +94,8 @@ def bench(s: Settings, log=print) -> dict:
         torch.set_num_threads(s.threads)
     if s.quantize is not None and s.quantize not in ("int8", "int4"):
         raise ValueError(f"unknown --quantize {s.quantize!r}: use int8 or int4")
+    if s.quantize_head and s.quantize is None:
+        raise ValueError("--quantize-head needs --quantize int8 or int4")
     if s.prompt_len < 1 or s.new_tokens < 2:
         raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed is measured after the "
                          "first new token)")
@@ -109,11 +112,11 @@ def bench(s: Settings, log=print) -> dict:
     if s.quantize is not None:
         from modelcode.quantization import quantize
 
-        quantize(model, s.quantize, s.group_size)
+        quantize(model, s.quantize, s.group_size, head=s.quantize_head)
     element_size = dtype.itemsize
     w_bytes = weight_bytes(model)
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
-                           quantize=s.quantize)
+                           quantize=s.quantize, quantize_head=s.quantize_head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     avg_slots = slots if s.compile else s.prompt_len + s.new_tokens / 2

@@ -8,7 +8,7 @@ from typing import Literal
 
 def main(*, model: str | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
          freeze: bool = True, autotune: bool = True, steps_per_call: int | None = None,
-         quantize: Literal["int8", "int4"] | None = None, group_size: int = 32,
+         quantize: Literal["int8", "int4"] | None = None, group_size: int = 32, quantize_head: bool = False,
          batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
          new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
          out: str = "bench.json", plot: str | None = None) -> None:
@@ -31,6 +31,7 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
             64 MiB of weights, else 1).
         quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
         group_size: int4 only: inputs per scale and zero.
+        quantize_head: with --quantize, the output head too (unless tied to the embeddings), as gpt-fast does.
         batch_sizes: the batch sizes to measure.
         prompt_len: tokens per prompt (random ids).
         new_tokens: tokens generated per prompt (no stop token ends them early).
@@ -46,7 +47,7 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
     from modelcode.bench.run import Settings, bench
 
     settings = Settings(model, dtype, device, compile, freeze, autotune, steps_per_call, quantize, group_size,
-                        tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads)
+                        quantize_head, tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads)
     result = bench(settings, log=lambda line: print(line, file=sys.stderr))
     print(table(result))
     out_path = Path(out)

@@ -3,8 +3,8 @@
 from typing import Literal
 
 
-def main(model: str, *, mode: Literal["int8", "int4"], out: str, group_size: int = 32, dtype: str | None = None,
-         device: str = "cpu", report: bool = True, text: str | None = None) -> None:
+def main(model: str, *, mode: Literal["int8", "int4"], out: str, group_size: int = 32, head: bool = False,
+         dtype: str | None = None, device: str = "cpu", report: bool = True, text: str | None = None) -> None:
     """Quantize a checkpoint's Linear layers (all but the output head) and write a folder `modelcode.load` opens.
 
     Args:
@@ -12,6 +12,7 @@ def main(model: str, *, mode: Literal["int8", "int4"], out: str, group_size: int
         mode: int8 (one scale per output row) or int4 (a scale and a zero per group of inputs).
         out: the folder to write: quantized weights plus the source's config and tokenizer files.
         group_size: int4 only: inputs per group, 32, 64, 128 or 256 (smaller: more accurate, larger file).
+        head: the output head too, unless tied to the embeddings (smaller and faster, less accurate).
         dtype: float32, bfloat16 or float16 for the scales and the report (default: the checkpoint's own).
         device: where to quantize and run the report: cpu, cuda, ...
         report: measure perplexity and greedy agreement against the original on held-out text.
@@ -24,7 +25,7 @@ def main(model: str, *, mode: Literal["int8", "int4"], out: str, group_size: int
 
     lm = modelcode.load(model, dtype=dtype, device=device)
     source_bytes = _bytes(lm.model)
-    quantize(lm.model, mode, group_size, pack=False)
+    quantize(lm.model, mode, group_size, pack=False, head=head)
     folder = save_quantized(lm.model, lm.path, out)
     print(f"wrote {folder}: {mode}{f', group size {group_size}' if mode == 'int4' else ''}, "
           f"{_count_quantized(lm.model)} Linear layers quantized, weights {source_bytes / 2**20:.1f} MiB -> "

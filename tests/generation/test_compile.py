@@ -99,6 +99,17 @@ def test_small_models_decode_several_steps_per_call(plain):
         CompiledModel(plain.model, steps_per_call=0)
 
 
+def test_compiled_int4_bfloat16_equals_eager():
+    # bfloat16 int4 runs modelcode's own CPU kernel where the CPU has AVX512-BF16: a custom op in the graph
+    from modelcode.quantization import quantize
+
+    lm = modelcode.load("tinystories-656k", dtype="bfloat16")
+    quantize(lm.model, "int4", 32)
+    ids = lm.tokenizer.encode(PROMPTS[1], bos=True)
+    expected = lm.generate([ids], max_new_tokens=30)
+    assert lm.compile(max_seq_len=96, autotune=False).generate([ids], max_new_tokens=30) == expected
+
+
 def test_compiled_context_is_its_static_length(plain, compiled):
     ids = plain.tokenizer.encode(PROMPTS[0], bos=True)
     tokens, _ = compiled.generate([ids], max_new_tokens=500, stop_ids=frozenset())

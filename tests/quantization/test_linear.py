@@ -15,6 +15,7 @@ from modelcode.quantization import (
     quantize_int4,
     quantize_int8,
 )
+from modelcode.quantization.cpu_kernels import int4_kernel_available
 from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -111,6 +112,40 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(dtype, tol, group_size):
     torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
     # and the portable layer's own forward (the fallback path) is that same reference
     torch.testing.assert_close(portable(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_int4_kernel_layout_round_trips():
+    from modelcode.quantization.cpu_kernels import pack_int4, unpack_int4
+
+    codes = torch.randint(0, 16, (192, 256), dtype=torch.uint8)
+    scales, zeros = torch.rand(2, 192, 8).bfloat16()
+    w, sz = pack_int4(codes, scales, zeros)
+    assert w.shape == (3, 64, 4, 32) and sz.shape == (3, 8, 2, 64)
+    back = unpack_int4(w, sz)
+    assert torch.equal(back[0], codes) and torch.equal(back[1], scales) and torch.equal(back[2], zeros)
+    # byte 2i + p of a 32-byte run: output i's codes of inputs 4c + p (low nibble) and 4c + 2 + p (high)
+    assert w[1, 5, 2, 2 * 3 + 1] == codes[64 + 32 + 3, 4 * 5 + 1] | codes[64 + 32 + 3, 4 * 5 + 2 + 1] << 4
+
+
+OUR_INT4 = pytest.mark.skipif(not int4_kernel_available(), reason="modelcode's int4 kernel needs AVX512-BF16")
+
+
+@OUR_INT4
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
+    portable = Int4Linear.from_linear(linear(512, 192, bias=True, dtype=torch.bfloat16), group_size)
+    packed = portable.pack()
+    assert isinstance(packed, PackedInt4Linear) and packed.kernel == "avx512-bf16"
+    weight = dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float())
+    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
+        x = torch.randn(rows, 512).bfloat16()
+        ref = F.linear(x.float(), weight, portable.bias.float())
+        y = packed(x)
+        assert y.shape == (rows, 192) and y.dtype == torch.bfloat16
+        # kernel: exact products summed in float32, so only bfloat16's rounding of y is left; the dense path
+        # also rounds the dequantized weight to bfloat16, as PyTorch's kernel does (tolerance as above)
+        tol = 8e-3 if rows <= 16 else 2e-2
+        torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
 def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():

@@ -60,6 +60,17 @@ def test_every_linear_but_the_output_head_is_swapped():
     assert isinstance(model.tok_embeddings, nn.Embedding)
 
 
+def test_head_is_quantized_when_asked_unless_tied(tmp_path):
+    tied = quantize(modelcode.load("tinystories-656k").model, "int4", 32, head=True)
+    assert type(tied.output) is nn.Linear and tied.output.weight is tied.tok_embeddings.weight
+    tiny_hf_model("untied-embeddings").save_pretrained(tmp_path / "hf")
+    untied = quantize(modelcode.load(tmp_path / "hf").model, "int8", head=True, pack=False)
+    assert isinstance(untied.output, Int8Linear)
+    save_quantized(untied, tmp_path / "hf", tmp_path / "q")
+    assert isinstance(modelcode.load(tmp_path / "q").model.output, Int8Linear)  # and it loads back so
+    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int8").output) is nn.Linear  # the default
+
+
 @pytest.mark.parametrize("mode,group_size,bar", [("int8", None, 0.01), ("int4", 32, 0.05)])
 def test_perplexity_on_heldout_stories(stories, reference_perplexity, mode, group_size, bar):
     model = quantize(modelcode.load("tinystories-656k").model, mode, group_size)

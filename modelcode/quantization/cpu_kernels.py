@@ -1,0 +1,74 @@
+"""modelcode's own int4 decoding kernel for CPUs with AVX512-BF16 (`int4_cpu.cpp`, where the arithmetic
+is explained), built on first use by PyTorch's C++ extension tools, and the weight layout it reads.
+
+The build takes ~20 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
+C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
+MODELCODE_NO_CPU_KERNELS is set, int4 layers use PyTorch's own kernel instead.
+"""
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int4_cpu.cpp")
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+OUTPUTS_PER_BLOCK = 64  # the kernel computes outputs 64 at a time: out_features must be a multiple
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the (Linux) kernel reports for this CPU; empty elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Build and load the kernel once per process; False (with a warning if the build failed) where it
+    cannot run here."""
+    if os.environ.get("MODELCODE_NO_CPU_KERNELS") or not set(NEEDED_CPU_FLAGS) <= cpu_flags():
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        load("modelcode_int4_cpu", [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False)
+    except Exception as e:  # no compiler, no headers, ...: the library kernel still works
+        warnings.warn(f"modelcode's int4 CPU kernel could not be built, PyTorch's is used instead: {e}", stacklevel=2)
+        return False
+
+    @torch.library.register_fake("modelcode::int4_mm")
+    def _(x, w, sz, group_size):  # the output's shape, for torch.compile
+        return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
+
+    return True
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) codes in [0, 15], (out, in/gs) scales and zeros -> the kernel's weight and scales layout."""
+    n, k = codes.shape
+    q = codes.to(torch.uint8).view(n // 64, 4, 16, k // 4, 2, 2)  # [64-block, 16-block, output, run, half, p]
+    q = q.permute(0, 3, 1, 2, 5, 4)  # [64-block, run of 4 inputs, 16-block, output, p, half]
+    w = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 64, k // 4, 4, 32).contiguous()
+    sz = torch.stack([scales, zeros]).view(2, n // 64, 64, -1).permute(1, 3, 0, 2).contiguous()
+    return w, sz
+
+
+def unpack_int4(w: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_int4`: (codes, scales, zeros)."""
+    blocks, runs = w.shape[:2]
+    q = torch.stack([w & 0xF, w >> 4], dim=-1).view(blocks, runs, 4, 16, 2, 2)  # [.., output, p, half]
+    codes = q.permute(0, 2, 3, 1, 5, 4).reshape(blocks * 64, runs * 4)
+    scales, zeros = sz.permute(2, 0, 3, 1).reshape(2, blocks * 64, -1)
+    return codes, scales, zeros
+
+
+def int4_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(M, K) bfloat16 activations x the packed int4 weight -> (M, N) bfloat16."""
+    return torch.ops.modelcode.int4_mm(x, w, sz, group_size)
