@@ -181,5 +181,5 @@ class GPTNeoX(nn.Module):
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, static: bool = False,
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty KV cache sized for this model (see `layers/kv_cache.py`)."""
-        p = self.embed_out.weight
+        p = self.embed_in.weight  # never quantized: the dtype and device of the activations
         return new_cache(self.config, batch_size, max_seq_len, static, dtype or p.dtype, device or p.device)

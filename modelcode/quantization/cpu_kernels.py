@@ -47,6 +47,10 @@ def int4_kernel_available() -> bool:
     def _(x, w, sz, group_size):  # the output's shape, for torch.compile
         return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
 
+    @torch.library.register_fake("modelcode::int4_dequantize")
+    def _(w, sz, group_size):
+        return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 4)
+
     return True
 
 
@@ -67,6 +71,11 @@ def unpack_int4(w: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.
     codes = q.permute(0, 2, 3, 1, 5, 4).reshape(blocks * 64, runs * 4)
     scales, zeros = sz.permute(2, 0, 3, 1).reshape(2, blocks * 64, -1)
     return codes, scales, zeros
+
+
+def dequantize_packed(w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The (out, in) bfloat16 weight of the kernel's layout, for a dense matmul over many rows (prefill)."""
+    return torch.ops.modelcode.int4_dequantize(w, sz, group_size)
 
 
 def int4_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:

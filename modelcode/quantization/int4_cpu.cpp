@@ -102,5 +102,45 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
-TORCH_LIBRARY(modelcode, m) { m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor"); }
-TORCH_LIBRARY_IMPL(modelcode, CPU, m) { m.impl("int4_mm", &int4_mm); }
+// The same weight as (N, K) bfloat16, for a dense matmul over many rows (prefill): each group's 16 possible
+// values per output are computed once, then every code is a table lookup.
+torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
+  const int64_t K = w.size(1) * 4, N = w.size(0) * 64, groups = K / group_size;
+  TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.numel() == groups * 2 * N, "int4_dequantize: layout");
+  torch::Tensor out = torch::empty({N, K}, sz.options());
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = sz.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    at::BFloat16 table[64][16];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const at::BFloat16* s = sp + (nb * groups + g) * 128;
+        for (int n = 0; n < 64; ++n) {
+          for (int q = 0; q < 16; ++q) table[n][q] = static_cast<float>(q - 8) * s[n] + static_cast<float>(s[64 + n]);
+        }
+        for (int64_t c = g * group_size / 4; c < (g + 1) * group_size / 4; ++c) {
+          const uint8_t* run = wp + nb * 32 * K + c * 32 * kBlocks;
+          for (int n = 0; n < 64; ++n) {  // block n / 16, output n % 16: bytes 2i, 2i+1 of its 32
+            const uint8_t b0 = run[32 * (n / 16) + 2 * (n % 16)], b1 = run[32 * (n / 16) + 2 * (n % 16) + 1];
+            at::BFloat16* row = op + (nb * 64 + n) * K + 4 * c;
+            row[0] = table[n][b0 & 0xF];
+            row[1] = table[n][b1 & 0xF];
+            row[2] = table[n][b0 >> 4];
+            row[3] = table[n][b1 >> 4];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(modelcode, m) {
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
+  m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int4_dequantize", &int4_dequantize);
+}

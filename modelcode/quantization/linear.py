@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.quantization.cpu_kernels import OUTPUTS_PER_BLOCK, int4_kernel_available, int4_mm, pack_int4, unpack_int4
+from modelcode.quantization.cpu_kernels import (
+    OUTPUTS_PER_BLOCK,
+    dequantize_packed,
+    int4_kernel_available,
+    int4_mm,
+    pack_int4,
+)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA) accept
 INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantize-then-matmul beats the CPU int8 kernel
@@ -243,7 +249,7 @@ class PackedInt4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.kernel == "avx512-bf16" and (rows.shape[0] > INT4_KERNEL_MAX_ROWS or x.dtype != torch.bfloat16):
-            y = F.linear(rows, dequantize_codes(*unpack_int4(self.weight, self.scales_and_zeros)).to(x.dtype))
+            y = F.linear(rows, dequantize_packed(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
         elif self.kernel == "avx512-bf16":
             y = int4_mm(rows, self.weight, self.scales_and_zeros, self.group_size)
         else:
