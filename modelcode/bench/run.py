@@ -108,7 +108,9 @@ def bench(s: Settings, log=print) -> dict:
                          f"{config.max_seq_len} positions")
     dtype = next(model.parameters()).dtype  # of the activations and the KV cache
     n_params = sum(p.numel() for p in model.parameters())
-    hf_weights = model if s.quantize is None else None  # quantizing swaps our layers: transformers gets a fresh copy
+    # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changes our layers: transformers then
+    # gets a fresh copy of the same weights.
+    hf_weights = model if s.quantize is None and not s.compile else None
     if s.quantize is not None:
         from modelcode.quantization import quantize
 

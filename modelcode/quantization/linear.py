@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.quantization.cpu_kernels import (
+from modelcode.kernels.cpu import (
     OUTPUTS_PER_BLOCK,
     dequantize_packed,
-    int4_kernel_available,
     int4_mm,
+    kernels_available,
     pack_int4,
 )
 
@@ -188,13 +188,13 @@ class Int4Linear(nn.Module):
 
 
 def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> tuple[str | None, str]:
-    """Which int4 kernel runs a layer ("avx512-bf16": modelcode's own, see cpu_kernels.py; "cpu" or "cuda":
+    """Which int4 kernel runs a layer ("avx512-bf16": modelcode's own, see kernels/cpu.py; "cpu" or "cuda":
     PyTorch's), or None and the reason why none does. All need in_features % 32 == 0, which every
     supported group size guarantees."""
     if device.type == "cpu":
         if out_features % 16:
             return None, f"the CPU int4 kernel needs out_features divisible by 16 (got {out_features})"
-        if dtype == torch.bfloat16 and out_features % OUTPUTS_PER_BLOCK == 0 and int4_kernel_available():
+        if dtype == torch.bfloat16 and out_features % OUTPUTS_PER_BLOCK == 0 and kernels_available():
             return "avx512-bf16", ""
         return "cpu", ""
     if device.type == "cuda":
@@ -211,7 +211,7 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
 class PackedInt4Linear(nn.Module):
     """`Int4Linear` with its weight rearranged for an int4 matmul kernel on one device.
 
-    CPU with AVX512-BF16, bfloat16: modelcode's kernel (cpu_kernels.py) for up to `INT4_KERNEL_MAX_ROWS`
+    CPU with AVX512-BF16, bfloat16: modelcode's kernel (kernels/cpu.py) for up to `INT4_KERNEL_MAX_ROWS`
     rows (decoding), ~1.5x faster than PyTorch's; more rows (prefill) dequantize the weight and run a dense
     bfloat16 matmul, which is ~5x faster there than either int4 kernel.
 

@@ -10,6 +10,7 @@ import modelcode
 from modelcode.generation import ContextLengthError, SamplingParams, decode, generate, prefill
 from modelcode.generation.compile import CompiledModel
 from modelcode.generation.session import ChatSession
+from modelcode.kernels import kernels_available
 
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a", "The sun"]
 
@@ -99,15 +100,33 @@ def test_small_models_decode_several_steps_per_call(plain):
         CompiledModel(plain.model, steps_per_call=0)
 
 
-def test_compiled_int4_bfloat16_equals_eager():
+def assert_each_token_is_a_near_argmax(model, prompt: list[int], tokens: list[int], slack: float = 0.1):
+    """bfloat16: inductor fuses what eager rounds step by step, so greedy runs may part at a near-tie. What
+    must hold: under the eager model, each token the compiled run chose has (nearly) the top logit."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1].float()
+    chosen = logits.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    assert (logits.max(-1).values - chosen).max() <= slack
+
+
+def test_compiled_bfloat16_chooses_what_eager_would():
+    # On CPU compile() repacks bfloat16 Linear layers in place for modelcode's kernel, where it runs
+    lm = modelcode.load("tinystories-656k", dtype="bfloat16").compile(max_seq_len=96, autotune=False)
+    ids = lm.tokenizer.encode(PROMPTS[2], bos=True)
+    got, _ = lm.generate([ids], max_new_tokens=30)
+    assert lm.compiled.packed_layers == (14 if kernels_available() else 0)
+    assert_each_token_is_a_near_argmax(lm.model, ids, got[0])
+
+
+def test_compiled_int4_bfloat16_chooses_what_eager_would():
     # bfloat16 int4 runs modelcode's own CPU kernel where the CPU has AVX512-BF16: a custom op in the graph
     from modelcode.quantization import quantize
 
     lm = modelcode.load("tinystories-656k", dtype="bfloat16")
     quantize(lm.model, "int4", 32)
     ids = lm.tokenizer.encode(PROMPTS[1], bos=True)
-    expected = lm.generate([ids], max_new_tokens=30)
-    assert lm.compile(max_seq_len=96, autotune=False).generate([ids], max_new_tokens=30) == expected
+    got, _ = lm.compile(max_seq_len=96, autotune=False).generate([ids], max_new_tokens=30)
+    assert_each_token_is_a_near_argmax(lm.model, ids, got[0])
 
 
 def test_compiled_context_is_its_static_length(plain, compiled):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcode.kernels.cpu import kernels_available
 from modelcode.quantization import (
     Int4Linear,
     Int8Linear,
@@ -15,7 +16,6 @@ from modelcode.quantization import (
     quantize_int4,
     quantize_int8,
 )
-from modelcode.quantization.cpu_kernels import int4_kernel_available
 from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,7 +115,7 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(dtype, tol, group_size):
 
 
 def test_int4_kernel_layout_round_trips():
-    from modelcode.quantization.cpu_kernels import pack_int4, unpack_int4
+    from modelcode.kernels.cpu import pack_int4, unpack_int4
 
     codes = torch.randint(0, 16, (192, 256), dtype=torch.uint8)
     scales, zeros = torch.rand(2, 192, 8).bfloat16()
@@ -127,7 +127,7 @@ def test_int4_kernel_layout_round_trips():
     assert w[1, 5, 2, 2 * 3 + 1] == codes[64 + 32 + 3, 4 * 5 + 1] | codes[64 + 32 + 3, 4 * 5 + 2 + 1] << 4
 
 
-OUR_INT4 = pytest.mark.skipif(not int4_kernel_available(), reason="modelcode's int4 kernel needs AVX512-BF16")
+OUR_INT4 = pytest.mark.skipif(not kernels_available(), reason="modelcode's int4 kernel needs AVX512-BF16")
 
 
 @OUR_INT4

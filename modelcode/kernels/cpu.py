@@ -1,9 +1,10 @@
-"""modelcode's own int4 decoding kernel for CPUs with AVX512-BF16 (`int4_cpu.cpp`, where the arithmetic
-is explained), built on first use by PyTorch's C++ extension tools, and the weight layout it reads.
+"""modelcode's own decoding kernels for CPUs with AVX512-BF16 (`cpu.cpp`, where they are explained):
+bfloat16 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
+extension tools; and the weight layouts they read.
 
 The build takes ~20 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
 C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
-MODELCODE_NO_CPU_KERNELS is set, int4 layers use PyTorch's own kernel instead.
+MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
 """
 
 import functools
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4_cpu.cpp")
+SOURCE = Path(__file__).with_name("cpu.cpp")
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-OUTPUTS_PER_BLOCK = 64  # the kernel computes outputs 64 at a time: out_features must be a multiple
+OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
 
 
 def cpu_flags() -> set[str]:
@@ -29,7 +30,7 @@ def cpu_flags() -> set[str]:
 
 
 @functools.cache
-def int4_kernel_available() -> bool:
+def kernels_available() -> bool:
     """Build and load the kernel once per process; False (with a warning if the build failed) where it
     cannot run here."""
     if os.environ.get("MODELCODE_NO_CPU_KERNELS") or not set(NEEDED_CPU_FLAGS) <= cpu_flags():
@@ -37,11 +38,15 @@ def int4_kernel_available() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load("modelcode_int4_cpu", [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
+        load("modelcode_cpu_kernels", [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False)
     except Exception as e:  # no compiler, no headers, ...: the library kernel still works
-        warnings.warn(f"modelcode's int4 CPU kernel could not be built, PyTorch's is used instead: {e}", stacklevel=2)
+        warnings.warn(f"modelcode's CPU kernels could not be built, PyTorch's are used instead: {e}", stacklevel=2)
         return False
+
+    @torch.library.register_fake("modelcode::bf16_mm")
+    def _(x, w):  # the output's shape, for torch.compile
+        return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
 
     @torch.library.register_fake("modelcode::int4_mm")
     def _(x, w, sz, group_size):  # the output's shape, for torch.compile
@@ -52,6 +57,23 @@ def int4_kernel_available() -> bool:
         return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 4)
 
     return True
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) bfloat16 weight -> `bf16_mm`'s layout: (out/64, in/2, 4, 16, 2)."""
+    n, k = weight.shape
+    return weight.view(n // 64, 4, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_bf16`."""
+    blocks, pairs = packed.shape[:2]
+    return packed.permute(0, 2, 3, 1, 4).reshape(blocks * 64, pairs * 2)
+
+
+def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(M, K) bfloat16 activations x the packed bfloat16 weight -> (M, N) bfloat16."""
+    return torch.ops.modelcode.bf16_mm(x, w)
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

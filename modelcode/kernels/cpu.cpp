@@ -1,7 +1,14 @@
-// int4 weights x bfloat16 activations for a few rows (decoding), on CPUs with AVX512-BF16.
+// Matrix-vector kernels for decoding on CPUs with AVX512-BF16: bfloat16 weights (`bf16_mm`) and int4 weights
+// (`int4_mm`), times bfloat16 activations, for a few rows.
 //
-// Decoding multiplies one row of activations by every weight once, so its speed is how fast the weights
-// stream from memory, if the arithmetic keeps up. PyTorch's int4 CPU kernel converts every weight to
+// bfloat16: decoding multiplies one row of activations by every weight once, so the weights must stream
+// from memory at full speed. Laid out so that each thread reads its weights front to back, 64 bytes per
+// `vdpbf16ps` (16 outputs x a pair of inputs), with the next ones requested ahead, they stream as fast as
+// a plain sum over memory does (~27 GB/s on a 2-core machine, where the one-row F.linear reaches ~14 and
+// inductor's AMX micro-GEMM ~24).
+//
+// int4:
+// the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
 // on a 2-core machine it streams ~13 GB/s of a ~27 GB/s memory. Here one `vdpbf16ps` does 32
 // multiply-adds straight on the codes (bfloat16 pairs summed into float32 lanes), a group's scale and zero
@@ -14,7 +21,10 @@
 // 136 = 128 + 8 subtracted per group. The products are exact and summed in float32, as a bfloat16 matmul on
 // the dequantized weight would be, up to the order of the additions.
 //
-// Layout (written by `pack_int4` in cpu_kernels.py), per 64 outputs (4 blocks of 16), front to back:
+// Layouts (written by `pack_bf16` and `pack_int4` in cpu.py), per 64 outputs (4 blocks of 16), front to back:
+//   bf16_mm: weights (N/64, K/2, 4, 16, 2) bfloat16: for each pair of inputs and each block, 16 outputs'
+//     values of both inputs, the pairs `vdpbf16ps` multiplies with a broadcast pair of activations.
+// int4_mm:
 //   weights (N/64, K/4, 4, 32) uint8: for each run of 4 inputs k = 4c..4c+3 and each block, 32 bytes;
 //     byte 2i+p holds output i's code of input 4c+p in its low nibble and of input 4c+2+p in its high one.
 //     Widened to 16-bit words, the low nibbles are then 16 lanes of (input 4c, 4c+1) pairs and the high
@@ -36,7 +46,30 @@ inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bfloat16 -> 16 float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// One row x (K,) against the 64 outputs whose weights start at w and scales at sz: y (64,).
+inline void store_bf16(at::BFloat16* y, __m512 v) {  // round to nearest even, as PyTorch's conversion
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// bfloat16: one row x (K,) against the 64 outputs whose weights start at w: y (64,).
+void dot_64_bf16(const at::BFloat16* x, const uint8_t* w, at::BFloat16* y, int64_t K) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(x);
+  __m512 even[kBlocks], odd[kBlocks];  // two sums per block, so that 8 multiply-adds are in flight
+  for (int b = 0; b < kBlocks; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 2; c += 2) {  // pairs c and c + 1: 512 bytes
+    const __m512bh x0 = (__m512bh)_mm512_set1_epi32(pairs[c]), x1 = (__m512bh)_mm512_set1_epi32(pairs[c + 1]);
+    const uint8_t* wc = w + c * 64 * kBlocks;
+    for (int line = 0; line < 2 * kBlocks; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchBytes + 64 * line), _MM_HINT_T1);
+    }
+    for (int b = 0; b < kBlocks; ++b) {
+      even[b] = _mm512_dpbf16_ps(even[b], x0, (__m512bh)_mm512_loadu_si512(wc + 64 * b));
+      odd[b] = _mm512_dpbf16_ps(odd[b], x1, (__m512bh)_mm512_loadu_si512(wc + 64 * (kBlocks + b)));
+    }
+  }
+  for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, _mm512_add_ps(even[b], odd[b]));
+}
+
+// int4: one row x (K,) against the 64 outputs whose weights start at w and scales at sz: y (64,).
 void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y,
             int64_t K, int64_t gs) {
   const __m512i low = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
@@ -67,12 +100,29 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
       acc[b] = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 64 + 16 * b), xs, acc[b]);
     }
   }
-  for (int b = 0; b < kBlocks; ++b) {  // round to nearest even, as PyTorch converts float32 to bfloat16
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 16 * b), (__m256i)_mm512_cvtneps_pbh(acc[b]));
-  }
+  for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, acc[b]);
 }
 
 }  // namespace
+
+// x (M, K) bfloat16, w (N/64, K/2, 4, 16, 2) bfloat16 -> (M, N) bfloat16.
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_mm: x must be (M, K) bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 2 == K && K % 4 == 0 && w.size(2) == kBlocks && w.size(3) == 16 &&
+              w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "bf16_mm: w must be (N/64, K/2, 4, 16, 2)");
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m = 0; m < M; ++m) dot_64_bf16(xp + m * K, wp + nb * 128 * K, yp + m * N + nb * 64, K);
+    }
+  });
+  return y;
+}
 
 // x (M, K) bfloat16, w (N/64, K/4, 4, 32) uint8, sz (N/64, K/gs, 2, 64) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
@@ -137,10 +187,12 @@ torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, i
 }
 
 TORCH_LIBRARY(modelcode, m) {
+  m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
+  m.impl("bf16_mm", &bf16_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_dequantize", &int4_dequantize);
 }

@@ -1,0 +1,52 @@
+"""`PackedBF16Linear`: a bfloat16 Linear whose weight is laid out for modelcode's decoding kernel, swapped
+in from outside the model (as the quantized layers are) by `pack_bf16_linears`, which `CompiledModel` calls.
+The weight is rearranged, not copied: the model keeps one copy of it."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelcode.kernels.cpu import OUTPUTS_PER_BLOCK, bf16_mm, kernels_available, pack_bf16, unpack_bf16
+
+# More rows (batches, prefill) run as a dense matmul on the weight put back in order: each row costs the kernel
+# a pass of arithmetic over the weights, where a dense matmul reuses each weight for every row. (Compiled with
+# frozen weights, that reordering is done once, at compile time.)
+KERNEL_MAX_ROWS = 4
+
+
+class PackedBF16Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", pack_bf16(linear.weight.detach()))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16:
+            y = bf16_mm(rows, self.weight).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, unpack_bf16(self.weight).to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def packable(linear: nn.Module, tied: set[int]) -> bool:
+    w = linear.weight
+    return (type(linear) is nn.Linear and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+            and linear.out_features % OUTPUTS_PER_BLOCK == 0 and linear.in_features % 4 == 0 and id(w) not in tied)
+
+
+def pack_bf16_linears(model: nn.Module) -> int:
+    """Swap the model's bfloat16 CPU `nn.Linear` layers for `PackedBF16Linear`, in place, where the kernel
+    runs here; returns how many. A head tied to the embeddings stays (packing would copy the matrix)."""
+    if not kernels_available():
+        return 0
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and packable(m, tied)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, PackedBF16Linear(getattr(owner, child)))
+    return len(names)

@@ -1,0 +1,56 @@
+"""modelcode's CPU decoding kernels: layouts that round-trip, and each kernel against the plain matmul."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modelcode
+from modelcode.kernels import PackedBF16Linear, kernels_available, pack_bf16_linears
+from modelcode.kernels.cpu import pack_bf16, unpack_bf16
+
+KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16")
+
+
+def test_bf16_layout_round_trips():
+    w = torch.randn(192, 96).bfloat16()
+    packed = pack_bf16(w)
+    assert packed.shape == (3, 48, 4, 16, 2)
+    assert torch.equal(unpack_bf16(packed), w)
+    # for each pair of inputs and block of 16 outputs: output i's values of inputs 2c and 2c + 1
+    assert torch.equal(packed[2, 7, 1, 5], w[128 + 16 + 5, 14:16])
+
+
+@KERNELS
+@pytest.mark.parametrize("shape", [(192, 512), (64, 128)])
+def test_packed_bf16_linear_matches_the_matmul(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(shape[1], shape[0], bias=True).bfloat16()
+    packed = PackedBF16Linear(linear)
+    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
+        x = torch.randn(2, rows, shape[1]).bfloat16()
+        ref = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        y = packed(x)
+        assert y.shape == (2, rows, shape[0]) and y.dtype == torch.bfloat16
+        # products exact, sums in float32: bfloat16's rounding of y (and, for the bias, of y + b) is left
+        torch.testing.assert_close(y.float(), ref, atol=8e-3 * ref.abs().max().item(), rtol=0)
+
+
+@KERNELS
+def test_packing_a_model_keeps_its_outputs_and_one_copy_of_its_weights():
+    lm = modelcode.load("tinystories-656k", dtype="bfloat16")
+    tokens = torch.tensor([lm.tokenizer.encode("Once upon a time, there was a fox.", bos=True)])
+    with torch.no_grad():
+        before = lm.model(tokens).float()
+        n_before = sum(t.numel() for t in [*lm.model.parameters(), *lm.model.buffers()])
+        assert pack_bf16_linears(lm.model) == 14  # every Linear but the head, which is tied to the embeddings
+        assert type(lm.model.output) is nn.Linear and isinstance(lm.model.layers[0].attention.wq, PackedBF16Linear)
+        assert sum(t.numel() for t in [*lm.model.parameters(), *lm.model.buffers()]) == n_before
+        for n in (1, tokens.shape[1]):  # one row per sequence in the kernel; the whole prompt densely
+            torch.testing.assert_close(lm.model(tokens[:, :n]).float(), before[:, :n], atol=0.05, rtol=0.05)
+
+
+def test_float32_layers_are_left_alone():
+    model = modelcode.load("tinystories-656k").model
+    assert pack_bf16_linears(model) == 0
+    assert not any(isinstance(m, PackedBF16Linear) for m in model.modules())
