@@ -4,10 +4,12 @@ Decoding one token multiplies one activation row by every weight matrix, so a de
 as these kernels stream weights. For each Linear shape of a preset (default: llama-1b) this times a stack
 of such layers, large enough to come from memory rather than cache where the shape allows, with each
 kernel the decode step may use: eager `F.linear` (bf16), the compiled step's choice (inductor with frozen
-weights and autotuning, as `--compile` does), and the int8 / int4 kernels of `modelcode.quantization`,
-eager and compiled. Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
+weights and autotuning, as `--compile` does), modelcode's own bf16 kernel (bf16-modelcode: the layers
+`--compile` runs on CPUs with AVX512-BF16), and the int8 / int4 layers of `modelcode.quantization`
+(int4: modelcode's kernel where it runs; MODELCODE_NO_CPU_KERNELS=1 for PyTorch's), eager and compiled.
+Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
 
-    python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 int8 int4] [--compile]
+    python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 bf16-modelcode int8 int4] [--compile]
 """
 
 import argparse
@@ -50,7 +52,12 @@ def stack(shape: tuple[int, int], n: int, kernel: str) -> Stack:
         nn.init.normal_(layer.weight, std=0.02)
         layers.append(layer)
     model = Stack(layers).eval().requires_grad_(False)
-    if kernel != "bf16":
+    if kernel == "bf16-modelcode":
+        from modelcode.kernels import pack_bf16_linears
+
+        if not pack_bf16_linears(model):
+            raise SystemExit("modelcode's bf16 kernel does not run on this machine (it needs AVX512-BF16)")
+    elif kernel != "bf16":
         from modelcode.quantization import quantize
 
         quantize(model, kernel, 32)
@@ -72,13 +79,13 @@ def seconds(fn, x: torch.Tensor, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama-1b")
-    parser.add_argument("--kernels", nargs="+", default=["bf16", "int8", "int4"])
+    parser.add_argument("--kernels", nargs="+", default=["bf16", "bf16-modelcode", "int8", "int4"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gb", type=float, default=0.6, help="bf16 bytes per stack, at most 64 layers")
     args = parser.parse_args()
     roofline = read_bandwidth(torch.device("cpu"))
     print(f"roofline (sum of a 1 GiB float32 tensor): {roofline:.1f} GB/s on {torch.get_num_threads()} threads")
-    print(f"{'kernel':>6} {'shape (out, in)':>16} {'layers':>6} {'eager GB/s':>10} {'compiled GB/s':>13} "
+    print(f"{'kernel':>14} {'shape (out, in)':>16} {'layers':>6} {'eager GB/s':>10} {'compiled GB/s':>13} "
           f"{'us/layer eager':>14} {'us/layer compiled':>17}")
     for kernel in args.kernels:
         for shape in linear_shapes(args.preset):
@@ -97,7 +104,7 @@ def main() -> None:
                                   autotune_num_choices_displayed=0):
                     step(x)
                 compiled = seconds(step, x)
-            print(f"{kernel:>6} {str(shape):>16} {n:>6} {nbytes / eager / 1e9:>10.1f} "
+            print(f"{kernel:>14} {str(shape):>16} {n:>6} {nbytes / eager / 1e9:>10.1f} "
                   f"{nbytes / compiled / 1e9:>13.1f} {eager / n * 1e6:>14.0f} {compiled / n * 1e6:>17.0f}", flush=True)
 
 

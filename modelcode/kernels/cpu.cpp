@@ -25,10 +25,10 @@
 //   bf16_mm: weights (N/64, K/2, 4, 16, 2) bfloat16: for each pair of inputs and each block, 16 outputs'
 //     values of both inputs, the pairs `vdpbf16ps` multiplies with a broadcast pair of activations.
 // int4_mm:
-//   weights (N/64, K/4, 4, 32) uint8: for each run of 4 inputs k = 4c..4c+3 and each block, 32 bytes;
-//     byte 2i+p holds output i's code of input 4c+p in its low nibble and of input 4c+2+p in its high one.
-//     Widened to 16-bit words, the low nibbles are then 16 lanes of (input 4c, 4c+1) pairs and the high
-//     ones of (4c+2, 4c+3): the pairs `vdpbf16ps` multiplies with a broadcast pair of activations.
+//   weights (N/64, K/8, 4, 64) uint8: for each run of 8 inputs k = 8c..8c+7 and each block, 64 bytes. Read as
+//     32 16-bit words, word 2i+p's four nibbles h = 0..3 hold output i's codes of inputs 8c+2h+p. So nibble
+//     h of every word, or-ed into 128.0 (see above), is 16 lanes of (input 8c+2h, 8c+2h+1) pairs: the pairs
+//     `vdpbf16ps` multiplies with a broadcast pair of activations, four of them per 64-byte load.
 //   scales and zeros (N/64, K/gs, 2, 64) bfloat16.
 
 #include <ATen/Parallel.h>
@@ -79,18 +79,23 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
   for (int64_t g = 0; g < K / gs; ++g) {
     __m512 lo_sum[kBlocks], hi_sum[kBlocks];
     for (int b = 0; b < kBlocks; ++b) lo_sum[b] = hi_sum[b] = _mm512_setzero_ps();
-    for (int64_t c = g * gs / 4; c < (g + 1) * gs / 4; ++c) {
-      const __m512bh x01 = (__m512bh)_mm512_set1_epi32(pairs[2 * c]);      // inputs 4c, 4c+1
-      const __m512bh x23 = (__m512bh)_mm512_set1_epi32(pairs[2 * c + 1]);  // inputs 4c+2, 4c+3
-      const uint8_t* wc = w + c * 32 * kBlocks;
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchBytes), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchBytes + 64), _MM_HINT_T1);
+    for (int64_t c = g * gs / 8; c < (g + 1) * gs / 8; ++c) {  // runs of 8 inputs: 64 bytes per block
+      __m512bh xh[4];
+      for (int h = 0; h < 4; ++h) xh[h] = (__m512bh)_mm512_set1_epi32(pairs[4 * c + h]);  // inputs 8c+2h, +1
+      const uint8_t* wc = w + c * 64 * kBlocks;
+      for (int line = 0; line < kBlocks; ++line) {
+        _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchBytes + 64 * line), _MM_HINT_T1);
+      }
       for (int b = 0; b < kBlocks; ++b) {
-        __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 32 * b)));
-        __m512i lo = _mm512_or_si512(_mm512_and_si512(words, low), bf16_128);
-        __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), bf16_128);
-        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], x01, (__m512bh)lo);
-        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], x23, (__m512bh)hi);
+        __m512i v = _mm512_loadu_si512(wc + 64 * b);
+        __m512i p0 = _mm512_or_si512(_mm512_and_si512(v, low), bf16_128);
+        __m512i p1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), bf16_128);
+        __m512i p2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), bf16_128);
+        __m512i p3 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bf16_128);
+        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[0], (__m512bh)p0);
+        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[1], (__m512bh)p1);
+        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[2], (__m512bh)p2);
+        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[3], (__m512bh)p3);
       }
     }
     const __m512 xs = _mm512_set1_ps(xsum[g]), xs136 = _mm512_set1_ps(136.0f * xsum[g]);
@@ -124,17 +129,18 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// x (M, K) bfloat16, w (N/64, K/4, 4, 32) uint8, sz (N/64, K/gs, 2, 64) bfloat16 -> (M, N) bfloat16.
+// x (M, K) bfloat16, w (N/64, K/8, 4, 64) uint8, sz (N/64, K/gs, 2, 64) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_mm: x must be (M, K) bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
-  TORCH_CHECK(w.dim() == 4 && w.size(1) * 4 == K && w.size(2) == kBlocks && w.size(3) == 32 &&
-              w.scalar_type() == at::kByte && w.is_contiguous(), "int4_mm: w must be (N/64, K/4, 4, 32) uint8");
-  TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0, "int4_mm: group_size must divide K");
+  TORCH_CHECK(w.dim() == 4 && w.size(1) * 8 == K && w.size(2) == kBlocks && w.size(3) == 64 &&
+              w.scalar_type() == at::kByte && w.is_contiguous(), "int4_mm: w must be (N/64, K/8, 4, 64) uint8");
+  TORCH_CHECK(group_size % 8 == 0 && K % group_size == 0, "int4_mm: group_size must divide K");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == K / group_size * 2 * N,
               "int4_mm: sz must be (N/64, K/group_size, 2, 64) bfloat16");
+  const int64_t groups = K / group_size;
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor xsum = xc.view({M, K / group_size, group_size}).to(at::kFloat).sum(-1).contiguous();
+  const torch::Tensor xsum = xc.view({M, groups, group_size}).to(at::kFloat).sum(-1).contiguous();
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* xsp = xsum.data_ptr<float>();
@@ -144,7 +150,7 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64(xp + m * K, xsp + m * (K / group_size), wp + nb * 32 * K, sp + nb * 128 * (K / group_size),
+        dot_64(xp + m * K, xsp + m * groups, wp + nb * 32 * K, sp + nb * 128 * groups,
                yp + m * N + nb * 64, K, group_size);
       }
     }
@@ -155,7 +161,7 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
 // The same weight as (N, K) bfloat16, for a dense matmul over many rows (prefill): each group's 16 possible
 // values per output are computed once, then every code is a table lookup.
 torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
-  const int64_t K = w.size(1) * 4, N = w.size(0) * 64, groups = K / group_size;
+  const int64_t K = w.size(1) * 8, N = w.size(0) * 64, groups = K / group_size;
   TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.numel() == groups * 2 * N, "int4_dequantize: layout");
   torch::Tensor out = torch::empty({N, K}, sz.options());
   const auto* wp = w.data_ptr<uint8_t>();
@@ -169,15 +175,14 @@ torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, i
         for (int n = 0; n < 64; ++n) {
           for (int q = 0; q < 16; ++q) table[n][q] = static_cast<float>(q - 8) * s[n] + static_cast<float>(s[64 + n]);
         }
-        for (int64_t c = g * group_size / 4; c < (g + 1) * group_size / 4; ++c) {
-          const uint8_t* run = wp + nb * 32 * K + c * 32 * kBlocks;
-          for (int n = 0; n < 64; ++n) {  // block n / 16, output n % 16: bytes 2i, 2i+1 of its 32
-            const uint8_t b0 = run[32 * (n / 16) + 2 * (n % 16)], b1 = run[32 * (n / 16) + 2 * (n % 16) + 1];
-            at::BFloat16* row = op + (nb * 64 + n) * K + 4 * c;
-            row[0] = table[n][b0 & 0xF];
-            row[1] = table[n][b1 & 0xF];
-            row[2] = table[n][b0 >> 4];
-            row[3] = table[n][b1 >> 4];
+        for (int64_t c = g * group_size / 8; c < (g + 1) * group_size / 8; ++c) {
+          const uint8_t* run = wp + nb * 32 * K + c * 64 * kBlocks;
+          for (int n = 0; n < 64; ++n) {  // block n / 16, output n % 16: bytes 4i .. 4i+3 of its 64
+            const uint8_t* b = run + 64 * (n / 16) + 4 * (n % 16);
+            const auto& t = table[n];
+            at::BFloat16* row = op + (nb * 64 + n) * K + 8 * c;
+            row[0] = t[b[0] & 0xF], row[1] = t[b[2] & 0xF], row[2] = t[b[0] >> 4], row[3] = t[b[2] >> 4];
+            row[4] = t[b[1] & 0xF], row[5] = t[b[3] & 0xF], row[6] = t[b[1] >> 4], row[7] = t[b[3] >> 4];
           }
         }
       }

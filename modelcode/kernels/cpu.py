@@ -54,7 +54,7 @@ def kernels_available() -> bool:
 
     @torch.library.register_fake("modelcode::int4_dequantize")
     def _(w, sz, group_size):
-        return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 4)
+        return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 8)
 
     return True
 
@@ -77,11 +77,12 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) codes in [0, 15], (out, in/gs) scales and zeros -> the kernel's weight and scales layout."""
+    """(out, in) codes in [0, 15], (out, in/gs) scales and zeros -> `int4_mm`'s weight and scales layout."""
     n, k = codes.shape
-    q = codes.to(torch.uint8).view(n // 64, 4, 16, k // 4, 2, 2)  # [64-block, 16-block, output, run, half, p]
-    q = q.permute(0, 3, 1, 2, 5, 4)  # [64-block, run of 4 inputs, 16-block, output, p, half]
-    w = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 64, k // 4, 4, 32).contiguous()
+    # input 8c + 4e + 2h + p of a run -> nibble h of byte e of word 2i + p (see cpu.cpp)
+    q = codes.to(torch.uint8).view(n // 64, 4, 16, k // 8, 2, 2, 2)  # [64-block, 16-block, i, run, e, h, p]
+    q = q.permute(0, 3, 1, 2, 6, 4, 5)  # [64-block, run, 16-block, i, p, e, h]
+    w = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 64, k // 8, 4, 64).contiguous()
     sz = torch.stack([scales, zeros]).view(2, n // 64, 64, -1).permute(1, 3, 0, 2).contiguous()
     return w, sz
 
@@ -89,8 +90,8 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
 def unpack_int4(w: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of `pack_int4`: (codes, scales, zeros)."""
     blocks, runs = w.shape[:2]
-    q = torch.stack([w & 0xF, w >> 4], dim=-1).view(blocks, runs, 4, 16, 2, 2)  # [.., output, p, half]
-    codes = q.permute(0, 2, 3, 1, 5, 4).reshape(blocks * 64, runs * 4)
+    q = torch.stack([w & 0xF, w >> 4], dim=-1).view(blocks, runs, 4, 16, 2, 2, 2)  # [.., i, p, e, h]
+    codes = q.permute(0, 2, 3, 1, 5, 6, 4).reshape(blocks * 64, runs * 8)
     scales, zeros = sz.permute(2, 0, 3, 1).reshape(2, blocks * 64, -1)
     return codes, scales, zeros
 

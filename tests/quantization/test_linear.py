@@ -120,11 +120,13 @@ def test_int4_kernel_layout_round_trips():
     codes = torch.randint(0, 16, (192, 256), dtype=torch.uint8)
     scales, zeros = torch.rand(2, 192, 8).bfloat16()
     w, sz = pack_int4(codes, scales, zeros)
-    assert w.shape == (3, 64, 4, 32) and sz.shape == (3, 8, 2, 64)
+    assert w.shape == (3, 32, 4, 64) and sz.shape == (3, 8, 2, 64)
     back = unpack_int4(w, sz)
     assert torch.equal(back[0], codes) and torch.equal(back[1], scales) and torch.equal(back[2], zeros)
-    # byte 2i + p of a 32-byte run: output i's codes of inputs 4c + p (low nibble) and 4c + 2 + p (high)
-    assert w[1, 5, 2, 2 * 3 + 1] == codes[64 + 32 + 3, 4 * 5 + 1] | codes[64 + 32 + 3, 4 * 5 + 2 + 1] << 4
+    # output i's code of input 8c + 4e + 2h + p: nibble h of byte e of 16-bit word 2i + p of a 64-byte run
+    i, c, e, h, p = 3, 5, 1, 1, 0
+    byte = w[1, c, 2, 4 * i + 2 * p + e]
+    assert (byte >> 4 if h else byte & 0xF) == codes[64 + 32 + i, 8 * c + 4 * e + 2 * h + p]
 
 
 OUR_INT4 = pytest.mark.skipif(not kernels_available(), reason="modelcode's int4 kernel needs AVX512-BF16")
