@@ -40,6 +40,9 @@ from modelcode.layers import KVCache, StaticKVCache
 # Every step attends over all the slots (masked), so a cache far longer than needed costs time.
 DEFAULT_MAX_SEQ_LEN = 2048
 
+# Graphs of the compiled steps in one process (batch sizes x sampling settings x compiled models), at most.
+MAX_GRAPHS = 256
+
 # Models with at most this many bytes of weights decode several steps per compiled call (see above).
 SMALL_MODEL_BYTES = 64 * 2**20
 SMALL_MODEL_STEPS_PER_CALL = 8
@@ -139,8 +142,10 @@ class CompiledModel:
         from torch._inductor import config  # imported here: it takes a second, and only compiling needs it
 
         # The first call compiles. Dynamo reads `freezing` while it traces, i.e. inside this call, so the
-        # settings are held around it (global config, restored on exit).
-        with config.patch(self._inductor_settings):
+        # settings are held around it (global config, restored on exit). Every CompiledModel shares the code
+        # of `_unrolled_steps`, whose graphs dynamo caps at 8 to catch accidental recompiles; each new key
+        # here is a deliberate one.
+        with config.patch(self._inductor_settings), torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
             try:
                 out = self._steps(*args)
             except torch._dynamo.exc.TorchDynamoException as e:
