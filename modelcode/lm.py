@@ -61,7 +61,8 @@ class LM:
         """From now on, generate with a static KV cache of `max_seq_len` positions (default: the context, at
         most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune` and
         `steps_per_call`). The first generation of each batch size (and sampling setting) compiles; prompt and
-        new tokens together end at `max_seq_len`. Returns self."""
+        new tokens together end at `max_seq_len`. On CPUs with AVX512-BF16, the model's bfloat16 Linear layers
+        are rearranged in place for modelcode's decoding kernel (`modelcode/kernels/`). Returns self."""
         self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call)
         return self
 
