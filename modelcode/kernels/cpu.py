@@ -2,7 +2,7 @@
 bfloat16 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
 extension tools; and the weight layouts they read.
 
-The build takes ~20 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
+The build takes ~25 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
 C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
 MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
 """
@@ -31,7 +31,7 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def kernels_available() -> bool:
-    """Build and load the kernel once per process; False (with a warning if the build failed) where it
+    """Build and load the kernels once per process; False (with a warning if the build failed) where they
     cannot run here."""
     if os.environ.get("MODELCODE_NO_CPU_KERNELS") or not set(NEEDED_CPU_FLAGS) <= cpu_flags():
         return False
