@@ -108,9 +108,6 @@ def bench(s: Settings, log=print) -> dict:
                          f"{config.max_seq_len} positions")
     dtype = next(model.parameters()).dtype  # of the activations and the KV cache
     n_params = sum(p.numel() for p in model.parameters())
-    # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changes our layers: transformers then
-    # gets a fresh copy of the same weights.
-    hf_weights = model if s.quantize is None and not s.compile else None
     if s.quantize is not None:
         from modelcode.quantization import quantize
 
@@ -121,6 +118,9 @@ def bench(s: Settings, log=print) -> dict:
                            quantize=s.quantize, quantize_head=s.quantize_head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
+    # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changed our layers: transformers then
+    # gets a fresh copy of the same weights.
+    changed = s.quantize is not None or getattr(runner, "packed_layers", 0) > 0
     avg_slots = slots if s.compile else s.prompt_len + s.new_tokens / 2
 
     rows = []
@@ -141,7 +141,7 @@ def bench(s: Settings, log=print) -> dict:
             f"prefill, {ours['gbps']:5.1f} GB/s")
 
     if s.hf:
-        hf = hf_twin(hf_weights if hf_weights is not None else build(s)[0], folder)
+        hf = hf_twin(build(s)[0] if changed else model, folder)
         for row in rows:
             batch = row["batch"]
             prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)

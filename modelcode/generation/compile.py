@@ -31,8 +31,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from modelcode.generation.generate import decode_step
-from modelcode.generation.sampling import SamplingParams, choose, exponential_race, token_logprobs
+from modelcode.generation.generate import decode_step, decode_steps
+from modelcode.generation.sampling import SamplingParams, exponential_race
 from modelcode.kernels import pack_bf16_linears
 from modelcode.layers import KVCache, StaticKVCache
 
@@ -49,7 +49,7 @@ SMALL_MODEL_STEPS_PER_CALL = 8
 
 
 def default_steps_per_call(model: nn.Module) -> int:
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return SMALL_MODEL_STEPS_PER_CALL if weight_bytes <= SMALL_MODEL_BYTES else 1
 
 
@@ -71,7 +71,7 @@ def compile_settings(device: torch.device, freeze: bool = True, autotune: bool =
 class CompiledModel:
     """Stands in for a causal LM in `generate`, `TextStream` and `ChatSession`: same `config`,
     `parameters`, `new_cache`, `hidden_states`, `logits` and `__call__` (all eager: prefill), and a compiled
-    `decode_steps`, which `decode` uses in place of its one-step `decode_step`.
+    `decode_steps`, which `decode` uses in place of its one-step `generate.decode_steps`.
 
     Its context is `max_seq_len` positions (prompt and new tokens together); `config.max_seq_len` says so
     to the generation code, which ends sequences there. It keeps one static cache per batch size and hands
@@ -113,21 +113,20 @@ class CompiledModel:
         params = SamplingParams(temperature, top_k, top_p)
         new, lps = [], []
         for i in range(self.steps_per_call):
-            logits = self.model(tokens, (positions + i).clamp(max=last_position), cache)[:, -1]
-            next_tokens = choose(logits, params, None if races is None else races[i])
+            next_tokens, lp = decode_step(self.model, cache, tokens, positions + i, last_position, params, logprobs,
+                                          race=None if races is None else races[i])
             new.append(next_tokens)
-            if logprobs:
-                lps.append(token_logprobs(logits, next_tokens))
+            lps.append(lp)
             tokens = next_tokens[:, None]
         return torch.stack(new, 1), torch.stack(lps, 1) if logprobs else None
 
     def decode_steps(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, last_position: int,
                      params: SamplingParams, generator: torch.Generator | None,
                      logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`decode_step`'s contract, k steps at once: (B, k) new ids and (B, k) logprobs (or None)."""
+        """`generate.decode_steps`'s contract, k steps at once: (B, k) new ids and (B, k) logprobs (or None)."""
         batch = tokens.shape[0]
         if cache is not self._caches.get(batch):  # a cache that is not ours: one eager step
-            return decode_step(self.model, cache, tokens, positions, last_position, params, generator, logprobs)
+            return decode_steps(self.model, cache, tokens, positions, last_position, params, generator, logprobs)
         races = None
         if params.temperature > 0:  # the noise each step samples with, in the order plain decoding draws it
             shape = (batch, self.config.vocab_size)
@@ -155,9 +154,10 @@ class CompiledModel:
         self._compiled.add(key)
         return self._cloned(out)
 
-    @staticmethod
-    def _cloned(out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _cloned(self, out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         # A CUDA graph's outputs live in memory its next replay overwrites, and the tokens are fed back in.
+        if self.device.type != "cuda":
+            return out
         return tuple(None if t is None else t.clone() for t in out)
 
     def parameters(self, recurse: bool = True):

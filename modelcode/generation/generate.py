@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from modelcode.generation.sampling import SamplingParams, sample, token_logprobs
+from modelcode.generation.sampling import SamplingParams, choose, sample, token_logprobs
 from modelcode.layers import KVCache
 
 
@@ -74,18 +74,27 @@ def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]], cached: 
     return logits, [[None] + lp[: len(n) - 1] for lp, n in zip(all_lp, new)]
 
 
-def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, last_position: int,
-                params: SamplingParams, generator: torch.Generator | None,
-                logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Feed one token per sequence (B, 1) at its position, sample the next: ((B, 1) ids, (B, 1) logprobs or None).
+def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                last_position: int | torch.Tensor, params: SamplingParams, logprobs: bool,
+                generator: torch.Generator | None = None,
+                race: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed one token per sequence (B, 1) at its position, sample the next: ((B,) ids, (B,) logprobs or None).
 
     Positions are clamped at `last_position` so that sequences which have already finished, idling while the
-    others decode, never write past the cache. A compiled model brings its own `decode_steps`, which does
-    several of these per call."""
+    others decode, never write past the cache. The sampling noise is drawn here from `generator`, unless
+    given as `race` (a compiled model's steps, see compile.py, take it as an input)."""
     logits = model(tokens, positions.clamp(max=last_position), cache)[:, -1]
-    next_tokens = sample(logits, params, generator)
-    lp = token_logprobs(logits, next_tokens)[:, None] if logprobs else None
-    return next_tokens[:, None], lp
+    next_tokens = sample(logits, params, generator) if race is None else choose(logits, params, race)
+    return next_tokens, token_logprobs(logits, next_tokens) if logprobs else None
+
+
+def decode_steps(model: nn.Module, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                 last_position: int, params: SamplingParams, generator: torch.Generator | None,
+                 logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `decode` advances by: here one `decode_step`, as (B, 1) ids and (B, 1) logprobs (or None); a
+    compiled model's own `decode_steps` returns k of each."""
+    next_tokens, lp = decode_step(model, cache, tokens, positions, last_position, params, logprobs, generator)
+    return next_tokens[:, None], None if lp is None else lp[:, None]
 
 
 @torch.inference_mode()
@@ -96,11 +105,11 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
 
     logits: (B, V) after each prompt's last token; lengths: each prompt's length (its next position).
     stop_check(b, token) -> True ends sequence b after that token (it is kept, unlike a stop id).
-    The model advances by `decode_step`, or by its own `decode_steps` (a compiled model: k tokens per call),
+    The model advances by `decode_steps` (one `decode_step`), or by its own (a compiled model: k per call),
     and the host reads each call's tokens at once, to check them for stops in order; tokens a sequence
     sampled after its end are dropped.
     """
-    advance = getattr(model, "decode_steps", None) or partial(decode_step, model)
+    advance = getattr(model, "decode_steps", None) or partial(decode_steps, model)
     positions = torch.tensor(lengths, device=logits.device)[:, None]  # (B, 1): where the next fed token goes
     last_position = max(n + b for n, b in zip(lengths, budgets)) - 1
     first = sample(logits, params, generator)

@@ -10,7 +10,7 @@
 // int4:
 // the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
-// on a 2-core machine it streams ~13 GB/s of a ~27 GB/s memory. Here one `vdpbf16ps` does 32
+// on a 2-core machine it streams 12-16 GB/s of a ~27 GB/s memory. Here one `vdpbf16ps` does 32
 // multiply-adds straight on the codes (bfloat16 pairs summed into float32 lanes), a group's scale and zero
 // are applied once per group, and weights, scales and zeros are each read front to back:
 //

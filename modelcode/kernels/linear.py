@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcode.kernels.cpu import OUTPUTS_PER_BLOCK, bf16_mm, kernels_available, pack_bf16, unpack_bf16
+from modelcode.swap import embedding_weights, replace_module
 
 # More rows (batches, prefill) run as a dense matmul on the weight put back in order: each row costs the kernel
 # a pass of arithmetic over the weights, where a dense matmul reuses each weight for every row. (Compiled with
@@ -43,10 +44,8 @@ def pack_bf16_linears(model: nn.Module) -> int:
     runs here; returns how many. A head tied to the embeddings stays (packing would copy the matrix)."""
     if not kernels_available():
         return 0
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and packable(m, tied)]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, PackedBF16Linear(getattr(owner, child)))
-    return len(names)
+    tied = embedding_weights(model)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and packable(m, tied)]
+    for name, linear in layers:
+        replace_module(model, name, PackedBF16Linear(linear))
+    return len(layers)

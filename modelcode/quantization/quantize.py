@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modelcode.quantization.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, PackedInt4Linear
+from modelcode.swap import embedding_weights, replace_module
 
 MODES = ("int8", "int4")
 METADATA_KEY = "modelcode.quantization"
@@ -76,12 +77,12 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
     what `save_quantized` writes; pack=True makes the layers fast on their current device.
     """
     scheme = Scheme(mode, group_size if mode == "int4" else None)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = embedding_weights(model)
     skip = {name for name in output_heads(model)
             if not head or id(model.get_submodule(name).weight) in embeddings}
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name not in skip:
-            _replace(model, name, scheme.quantize_layer(m))
+            replace_module(model, name, scheme.quantize_layer(m))
     return pack_layers(model) if pack else model
 
 
@@ -89,7 +90,7 @@ def pack_layers(model: nn.Module) -> nn.Module:
     """Swap each portable `Int4Linear` for the packed kernel module of its device, in place."""
     for name, m in list(model.named_modules()):
         if isinstance(m, Int4Linear):
-            _replace(model, name, m.pack())
+            replace_module(model, name, m.pack())
     return model
 
 
@@ -161,7 +162,7 @@ def prepare_to_load(model: nn.Module, scheme: Scheme, layers: list[str]) -> dict
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{WEIGHTS} has quantized tensors for {name!r}, which is not a Linear layer of "
                              f"{type(model).__name__}; was the folder's config.json changed after quantizing?")
-        _replace(model, name, scheme.new_layer(linear))
+        replace_module(model, name, scheme.new_layer(linear))
     return {name: name for name, _ in model.named_parameters()}
 
 
@@ -171,8 +172,3 @@ def _has_module(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
