@@ -1,5 +1,5 @@
-// Matrix-vector kernels for decoding on CPUs with AVX512-BF16: bfloat16 weights (`bf16_mm`) and int4 weights
-// (`int4_mm`), times bfloat16 activations, for a few rows.
+// Matrix-vector kernels for decoding on CPUs with AVX512-BF16: bfloat16 weights (`bf16_mm`), int8 weights
+// (`int8_mm`) and int4 weights (`int4_mm`), times bfloat16 activations, for a few rows.
 //
 // bfloat16: decoding multiplies one row of activations by every weight once, so the weights must stream
 // from memory at full speed. Laid out so that each thread reads its weights front to back, 64 bytes per
@@ -7,8 +7,13 @@
 // a plain sum over memory does (~27 GB/s on a 2-core machine, where the one-row F.linear reaches ~14 and
 // inductor's AMX micro-GEMM ~24).
 //
-// int4:
-// the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
+// int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), and
+// is read row after row, four rows at a time. 16 codes become 16 float32 numbers in two instructions
+// (sign-extend, convert), are multiplied by 16 activations converted to float32 once per call, and the
+// row's scale is applied once at the end: exact products, float32 sums. PyTorch's `_weight_int8pack_mm`
+// streams ~12 GB/s on the wide layers of a 2-core machine; this, as fast as memory.
+//
+// int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
 // on a 2-core machine it streams 12-16 GB/s of a ~27 GB/s memory. Here one `vdpbf16ps` does 32
 // multiply-adds straight on the codes (bfloat16 pairs summed into float32 lanes), a group's scale and zero
@@ -69,6 +74,64 @@ void dot_64_bf16(const at::BFloat16* x, const uint8_t* w, at::BFloat16* y, int64
   for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, _mm512_add_ps(even[b], odd[b]));
 }
 
+// int8: the activations of one row as three unsigned bytes per input (`pieces`, see int8_pieces) against the
+// weight row w (K,), scaled back by `unit` and the row's scale. `vpdpbusd` multiplies 64 unsigned bytes by 64
+// signed ones and sums each 4 into an int32 lane, so a 64-byte line of weights takes 4 instructions: one per
+// byte of the activations, one for sum_k q_k. Rows are read one after the other, a single stream per thread.
+float dot_int8(const uint8_t* pieces, double unit, const int8_t* w, int64_t K) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[2][4];  // [line parity][byte 0, 1, 2 of the activations; sum of the codes]: 8 sums in flight
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kPrefetchBytes), _MM_HINT_T1);
+    for (int i = 0; i < 2; ++i) {
+      const __m512i v = _mm512_loadu_si512(w + k + 64 * i);
+      const uint8_t* p = pieces + 3 * (k + 64 * i);
+      for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], _mm512_loadu_si512(p + 64 * j), v);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], ones, v);
+    }
+  }
+  // sum_k (x_k 2^e + 2^23) q_k - 2^23 sum_k q_k, exactly, in int64
+  int64_t sum = 0;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][j], acc[1][j]));
+    sum += j < 3 ? s << (8 * j) : -(s << 23);
+  }
+  return static_cast<float>(static_cast<double>(sum) * unit);
+}
+
+// One row of activations x (K,) as integers: x_k 2^e rounded, 2^e the power of two that puts max |x_k| in
+// [2^22, 2^23), so that every input within 2^15 of the largest is exact (bfloat16 has 8 significant bits) and
+// the rest is rounded at 2^-23 of the largest, far below bfloat16's rounding of the output. Plus 2^23 (unsigned,
+// as `vpdpbusd` wants), as three bytes: pieces (3K,) holds, per 64 inputs, their 64 low bytes, then the middle
+// ones, then the high ones. Returns 2^-e (NaN if x holds a NaN or an infinity).
+double int8_pieces(const at::BFloat16* x, uint8_t* pieces, int64_t K) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = load_bf16(x + k);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  const float largest = _mm512_reduce_max_ps(amax);
+  if (nan || !std::isfinite(largest)) return std::nan("");  // the outputs too: NaN in, NaN out
+  int e2 = 0;
+  std::frexp(largest, &e2);  // largest in [2^(e2-1), 2^e2)
+  const int e = 23 - e2;
+  const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, e));  // exact: a power of two
+  const __m512i offset = _mm512_set1_epi32(1 << 23);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(x + k), up)), offset);
+    uint8_t* p = pieces + 3 * (k / 64 * 64) + k % 64;
+    for (int j = 0; j < 3; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 64 * j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * j)));
+    }
+  }
+  return std::ldexp(1.0, -e);
+}
+
 // int4: one row x (K,) against the 64 outputs whose weights start at w and scales at sz: y (64,).
 void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y,
             int64_t K, int64_t gs) {
@@ -124,6 +187,34 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) dot_64_bf16(xp + m * K, wp + nb * 128 * K, yp + m * N + nb * 64, K);
+    }
+  });
+  return y;
+}
+
+// x (M, K) bfloat16, w (N, K) int8, scales (N,) bfloat16 -> (M, N) bfloat16.
+torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_mm: x must be (M, K) bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == K && K % 128 == 0 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "int8_mm: w must be (N, K) int8 with K % 128 == 0");
+  TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
+              "int8_mm: scales must be (N,) bfloat16");
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor pieces = torch::empty({M, 3 * K}, x.options().dtype(at::kByte));
+  std::vector<double> units(M);
+  for (int64_t m = 0; m < M; ++m) {
+    units[m] = int8_pieces(xc.data_ptr<at::BFloat16>() + m * K, pieces.data_ptr<uint8_t>() + m * 3 * K, K);
+  }
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* pp = pieces.data_ptr<uint8_t>();
+  const auto* wp = w.data_ptr<int8_t>();
+  const auto* sp = scales.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float scale = static_cast<float>(sp[n]);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = scale * dot_int8(pp + m * 3 * K, units[m], wp + n * K, K);
     }
   });
   return y;
@@ -193,11 +284,13 @@ torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, i
 
 TORCH_LIBRARY(modelcode, m) {
   m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
   m.impl("bf16_mm", &bf16_mm);
+  m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_dequantize", &int4_dequantize);
 }

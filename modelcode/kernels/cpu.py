@@ -1,5 +1,5 @@
 """modelcode's own decoding kernels for CPUs with AVX512-BF16 (`cpu.cpp`, where they are explained):
-bfloat16 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
+bfloat16, int8 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
 extension tools; and the weight layouts they read.
 
 The build takes ~25 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
+BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
 
 
@@ -48,6 +48,10 @@ def kernels_available() -> bool:
     def _(x, w):  # the output's shape, for torch.compile
         return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
 
+    @torch.library.register_fake("modelcode::int8_mm")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("modelcode::int4_mm")
     def _(x, w, sz, group_size):  # the output's shape, for torch.compile
         return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
@@ -74,6 +78,16 @@ def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
 def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(M, K) bfloat16 activations x the packed bfloat16 weight -> (M, N) bfloat16."""
     return torch.ops.modelcode.bf16_mm(x, w)
+
+
+def int8_fits(out_features: int, in_features: int) -> bool:
+    """Whether `int8_mm` takes a weight of this shape (128 inputs at a time)."""
+    return in_features % 128 == 0
+
+
+def int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) bfloat16 activations x the (N, K) int8 weight, times (N,) bfloat16 row scales -> (M, N) bfloat16."""
+    return torch.ops.modelcode.int8_mm(x, w, scales)
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,26 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           is_causal: bool = False) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d)) v with grouped-query attention.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d)) v with grouped-query attention; `mask` (boolean, broadcast to (B, 1, T, S)) says
+    which keys each query sees.
 
     q: (B, n_heads, T, hd); k, v: (B, n_kv_heads, S, hd) with n_heads a multiple of n_kv_heads, so
     each group of n_heads / n_kv_heads query heads shares one key/value head (Ainslie et al. 2023).
     """
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return attend_one_query(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend` for one query per sequence (decoding) on CPU: two matrix products and a softmax, in float32.
+    PyTorch's CPU flash-attention kernel spends ~1.4 us per key on a lone query (llama-1b's 32 heads over 2048
+    cached positions: 3 ms a layer, where this takes 0.26 ms)."""
+    batch, n_heads, _, hd = q.shape
+    n_kv_heads = k.shape[1]
+    group = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, hd).float() * hd**-0.5  # heads sharing k, v
+    scores = group @ k.float().transpose(-1, -2)  # (B, n_kv_heads, group, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts over the heads
+    return (scores.softmax(-1) @ v.float()).view(batch, n_heads, 1, hd).to(q.dtype)

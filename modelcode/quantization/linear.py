@@ -23,6 +23,8 @@ from modelcode.kernels.cpu import (
     OUTPUTS_PER_BLOCK,
     dequantize_packed,
     int4_mm,
+    int8_fits,
+    int8_mm,
     kernels_available,
     pack_int4,
 )
@@ -55,9 +57,10 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 rows and one scale per row.
 
-    On CPU, for a few rows of bfloat16 activations (decoding), the matmul runs in `_weight_int8pack_mm`,
-    which reads the int8 weight directly: ~4x faster than a bfloat16 matmul at one row. That kernel is
-    vectorized for bfloat16 only and built for matrix-vector products (measured on a 2048x5632 layer: as
+    On CPU, for a few rows of bfloat16 activations (decoding), the matmul reads the int8 weight directly:
+    in modelcode's kernel (kernels/cpu.py: `vpdpbusd` on CPUs with AVX512-BF16 and VNNI, in_features a
+    multiple of 128), else in PyTorch's `_weight_int8pack_mm`, which streams the wide layers at about
+    two thirds of that speed. Both are matrix-vector kernels (PyTorch's, measured on a 2048x5632 layer: as
     slow as converting the weight and multiplying at 16 rows, 10x slower than a dense matmul at 256), so
     everything else takes `linear(x, W.to(x.dtype)) * scale`, which is also what runs on GPU
     (torch.compile fuses the conversion into the matmul there).
@@ -66,6 +69,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.our_kernel = int8_fits(out_features, in_features) and kernels_available()
         dtype = dtype or torch.get_default_dtype()
         # Parameters (frozen) rather than buffers, so the strict loader checks and fills them like any weight.
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
@@ -82,8 +86,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.is_cpu and x.dtype == torch.bfloat16 and rows <= INT8_KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight,
-                                                   self.scales).view(*x.shape[:-1], self.out_features)
+            ours = self.our_kernel and self.scales.dtype == torch.bfloat16
+            mm = int8_mm if ours else torch.ops.aten._weight_int8pack_mm
+            y = mm(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias

@@ -100,13 +100,16 @@ def test_small_models_decode_several_steps_per_call(plain):
         CompiledModel(plain.model, steps_per_call=0)
 
 
-def assert_each_token_is_a_near_argmax(model, prompt: list[int], tokens: list[int], slack: float = 0.1):
+def assert_each_token_is_a_near_argmax(model, prompt: list[int], tokens: list[int], ulps: int = 2):
     """bfloat16: inductor fuses what eager rounds step by step, so greedy runs may part at a near-tie. What
-    must hold: under the eager model, each token the compiled run chose has (nearly) the top logit."""
+    must hold: under the eager model, each token the compiled run chose has the top logit to within two
+    bfloat16 steps of its size (eager decoding itself, with the KV cache, parts from the full pass that much:
+    0.125 at logits of 8-16 on TinyStories)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1].float()
     chosen = logits.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-    assert (logits.max(-1).values - chosen).max() <= slack
+    top = logits.max(-1).values
+    assert (top - chosen <= ulps * torch.finfo(torch.bfloat16).eps * top.abs()).all()
 
 
 def test_compiled_bfloat16_chooses_what_eager_would():

@@ -98,6 +98,46 @@ def test_int8_cpu_kernel_itself():
     torch.testing.assert_close(q8(x), y)  # and the layer takes it for 4 rows
 
 
+OUR_KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
+
+
+@OUR_KERNELS
+def test_our_int8_cpu_kernel_matches_the_float_matmul():
+    """modelcode's int8 kernel (in_features a multiple of 128) against float64: the activations as integers
+    (24 bits), the products summed exactly, so only bfloat16's rounding of y is left."""
+    q8 = Int8Linear.from_linear(linear(384, 72, bias=True, dtype=torch.bfloat16))
+    assert q8.our_kernel
+    weight = dequantize_int8(q8.weight, q8.scales).double()
+    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
+        x = torch.randn(rows, 384).bfloat16()
+        ref = F.linear(x.double(), weight, q8.bias.double())
+        y = q8(x)
+        assert y.shape == (rows, 72) and y.dtype == torch.bfloat16
+        tol = 8e-3 if rows <= 16 else 2e-2
+        torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    assert torch.equal(q8(x[:3]), torch.ops.modelcode.int8_mm(x[:3], q8.weight, q8.scales) + q8.bias)
+
+
+@OUR_KERNELS
+def test_our_int8_kernel_keeps_small_activations_beside_a_huge_one():
+    """Activations become integers scaled to the row's largest: next to an outlier 2^16 times the rest (as
+    LLMs' massive activations are), the others still count to bfloat16's precision."""
+    from modelcode.kernels.cpu import int8_mm
+
+    q8 = Int8Linear.from_linear(linear(256, 64, dtype=torch.bfloat16))
+    q8.weight[:32, 7] = 0  # outputs 0..31 do not see the outlier: they are sums of the small inputs alone
+    w = dequantize_int8(q8.weight, q8.scales).double()
+    x = torch.randn(2, 256).bfloat16()
+    x[0, 7] = 2.0**16
+    x[1].zero_()  # and a row of zeros gives zeros
+    ref, y = x.double() @ w.T, int8_mm(x, q8.weight, q8.scales).double()
+    for part in (slice(0, 32), slice(32, 64)):
+        torch.testing.assert_close(y[0, part], ref[0, part], atol=8e-3 * ref[0, part].abs().max().item(), rtol=0)
+    assert torch.equal(y[1], torch.zeros(64, dtype=torch.float64))
+    x[0, 3] = float("nan")
+    assert int8_mm(x, q8.weight, q8.scales)[0].isnan().all()  # NaN in, NaN out
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 def test_int4_cpu_kernel_matches_dequantized_matmul(dtype, tol, group_size):
