@@ -201,13 +201,11 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
               "int8_mm: scales must be (N,) bfloat16");
   const torch::Tensor xc = x.contiguous();
-  torch::Tensor pieces = torch::empty({M, 3 * K}, x.options().dtype(at::kByte));
+  std::vector<uint8_t> pieces(M * 3 * K);
   std::vector<double> units(M);
-  for (int64_t m = 0; m < M; ++m) {
-    units[m] = int8_pieces(xc.data_ptr<at::BFloat16>() + m * K, pieces.data_ptr<uint8_t>() + m * 3 * K, K);
-  }
+  for (int64_t m = 0; m < M; ++m) units[m] = int8_pieces(xc.data_ptr<at::BFloat16>() + m * K, &pieces[m * 3 * K], K);
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const auto* pp = pieces.data_ptr<uint8_t>();
+  const uint8_t* pp = pieces.data();
   const auto* wp = w.data_ptr<int8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
@@ -226,15 +224,20 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
   TORCH_CHECK(w.dim() == 4 && w.size(1) * 8 == K && w.size(2) == kBlocks && w.size(3) == 64 &&
               w.scalar_type() == at::kByte && w.is_contiguous(), "int4_mm: w must be (N/64, K/8, 4, 64) uint8");
-  TORCH_CHECK(group_size % 8 == 0 && K % group_size == 0, "int4_mm: group_size must divide K");
+  TORCH_CHECK(group_size % 16 == 0 && K % group_size == 0, "int4_mm: group_size must be a multiple of 16 that divides K");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == K / group_size * 2 * N,
               "int4_mm: sz must be (N/64, K/group_size, 2, 64) bfloat16");
   const int64_t groups = K / group_size;
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor xsum = xc.view({M, groups, group_size}).to(at::kFloat).sum(-1).contiguous();
-  torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* xp = xc.data_ptr<at::BFloat16>();
-  const auto* xsp = xsum.data_ptr<float>();
+  std::vector<float> xsum(M * groups);  // each group's sum of activations, for its zero
+  for (int64_t i = 0; i < M * groups; ++i) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t k = 0; k < group_size; k += 16) s = _mm512_add_ps(s, load_bf16(xp + i * group_size + k));
+    xsum[i] = _mm512_reduce_add_ps(s);
+  }
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const float* xsp = xsum.data();
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
