@@ -20,19 +20,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Roofline:
+    """The device's streaming-read bandwidth: GB/s of a sum over a `gib` GiB float32 tensor, far larger than
+    any cache, done by PyTorch's own vectorized reduction on all its threads. A benchmark reads it again
+    before every timed run: on a machine shared with others, what memory delivers can change by half from
+    one minute to the next (seen: 45 to 76 GB/s on a 2-core VM), so each run is set against its own moment."""
+
+    def __init__(self, device: torch.device, gib: float = 1.0):
+        self.device = device
+        self.x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+        self.x.sum()  # warm-up: page faults, thread pool
+        self.readings: list[float] = []
+
+    def read(self, repeats: int = 3) -> float:
+        """GB/s of the best of `repeats` sums, also kept in `readings`."""
+        best = float("inf")
+        for _ in range(repeats):
+            sync(self.device)
+            start = time.perf_counter()
+            self.x.sum()
+            sync(self.device)
+            best = min(best, time.perf_counter() - start)
+        self.readings.append(self.x.numel() * self.x.element_size() / best / 1e9)
+        return self.readings[-1]
+
+
 def read_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s of the best of `repeats` sums over a `gib` GiB float32 tensor: a streaming read, far larger than
-    any cache, done by PyTorch's own vectorized reduction on all its threads."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    x.sum()  # warm-up: page faults, thread pool
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * x.element_size() / best / 1e9
+    """One reading of the `Roofline` of `device`."""
+    return Roofline(device, gib).read(repeats)
 
 
 def peak_memory(device: torch.device) -> float:

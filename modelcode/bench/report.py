@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from modelcode.bench.speculation import describe
+
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
@@ -13,7 +15,8 @@ def table(result: dict) -> str:
             f"{'  compiled' if s['compile'] else ''}  |  {m['parameters'] / 1e6:.1f}M parameters, "
             f"{m['weight_bytes_per_step'] / 1e9:.3f} GB of weights per step  |  prompt {s['prompt_len']}, "
             f"{s['new_tokens']} new tokens, median of {s['repeats']}  |  roofline "
-            f"{result['roofline_gbps']:.1f} GB/s on {result['machine']['torch_threads']} threads")
+            f"{result['roofline_gbps']:.1f} GB/s on {result['machine']['torch_threads']} threads (median of readings "
+            f"before each run: {result['roofline_range_gbps'][0]:.1f}-{result['roofline_range_gbps'][1]:.1f})")
     cols = ["batch", "impl", "prefill tok/s", "decode tok/s", "TTFT ms", "GB/s", "% roofline", "peak GB", "decode x"]
     lines = []
     for r in result["results"]:
@@ -28,6 +31,8 @@ def table(result: dict) -> str:
     widths = [max(len(c), *(len(row[i]) for row in lines)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     out = [head, fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines]
+    if "speculative" in result:
+        out.append(describe(result["speculative"]))
     return "\n".join(out)
 
 

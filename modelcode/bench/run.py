@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,13 +12,14 @@ import torch
 
 from modelcode.api import EMBEDDED, resolve_path
 from modelcode.bench.measure import (
+    Roofline,
     median_run,
     peak_memory,
-    read_bandwidth,
     reset_peak_memory,
     run_hf,
     run_ours,
 )
+from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.loading import load_model, resolve_dtype
@@ -44,6 +46,9 @@ class Settings:
     hf: bool = True
     threads: int | None = None
     seed: int = 0
+    draft: str | None = None  # speculative decoding beside plain decoding at batch 1: a draft model's folder or name
+    prompt_lookup: int | None = None  # ... or prompt lookup of n-grams up to this long
+    speculate_k: int = 4  # draft tokens per target pass
 
 
 def build(s: Settings) -> tuple[torch.nn.Module, str, Path | None]:
@@ -83,6 +88,45 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def warm_up(subjects: dict, rows: dict, s: Settings, config, device: torch.device, log) -> None:
+    """The untimed first runs of every batch size, in order (with --compile the first one compiles), and the
+    memory peak after them: on CPU the process's peak so far, so batch sizes go from small to large."""
+    for batch, row in rows.items():
+        prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)
+        for impl, (runner, run) in subjects.items():
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            for _ in range(s.warmup):
+                run(runner, prompts, s.new_tokens)
+            peak = peak_memory(device) if impl == "ours" or device.type == "cuda" else None
+            row[impl] = dict(warmup_s=time.perf_counter() - start, peak_memory_gb=peak)
+        log(f"batch {batch:>3}: warmed up ({', '.join(subjects)})")
+
+
+def timed_runs(subjects: dict, rows: dict, s: Settings, config, roofline: Roofline) -> dict:
+    """`repeats` rounds, each running every batch size of every subject once, with the bandwidth read just
+    before each run: side by side in time, so that a change in what the machine delivers hits them all.
+    Returns {(batch, impl): [(Run, GB/s of the roofline then), ...]}."""
+    timed = {(batch, impl): [] for batch in rows for impl in subjects}
+    for _ in range(s.repeats):
+        for batch in rows:
+            prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)
+            for impl, (runner, run) in subjects.items():
+                reading = roofline.read()
+                timed[batch, impl].append((run(runner, prompts, s.new_tokens), reading))
+    return timed
+
+
+def speculation(model: torch.nn.Module, s: Settings, config, log) -> dict:
+    """Plain and speculative greedy decoding of the batch-1 prompt, side by side (see `speculation.py`)."""
+    draft = None
+    if s.draft is not None:
+        draft, _, _ = load_model(resolve_path(s.draft), dtype=next(model.parameters()).dtype, device=s.device)
+    prompt = prompts_for(1, s.prompt_len, config.vocab_size, s.seed)[0]
+    return bench_speculation(model, prompt, s.new_tokens, draft, s.prompt_lookup, s.speculate_k, s.repeats,
+                             s.warmup, log)
+
+
 def prompts_for(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed + batch)
     return torch.randint(0, vocab_size, (batch, length), generator=g).tolist()
@@ -96,6 +140,8 @@ def bench(s: Settings, log=print) -> dict:
         raise ValueError(f"unknown --quantize {s.quantize!r}: use int8 or int4")
     if s.quantize_head and s.quantize is None:
         raise ValueError("--quantize-head needs --quantize int8 or int4")
+    if s.draft is not None and s.prompt_lookup is not None:
+        raise ValueError("give one speculative drafter: --draft MODEL or --prompt-lookup N, not both")
     if s.prompt_len < 1 or s.new_tokens < 2:
         raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed is measured after the "
                          "first new token)")
@@ -123,51 +169,44 @@ def bench(s: Settings, log=print) -> dict:
     changed = s.quantize is not None or getattr(runner, "packed_layers", 0) > 0
     avg_slots = slots if s.compile else s.prompt_len + s.new_tokens / 2
 
-    rows = []
-    for batch in s.batch_sizes:
-        prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)
-        reset_peak_memory(device)
-        start = time.perf_counter()
-        for _ in range(s.warmup):
-            run_ours(runner, prompts, s.new_tokens)  # with --compile the first one compiles
-        first_run_s = time.perf_counter() - start
-        runs = [run_ours(runner, prompts, s.new_tokens) for _ in range(s.repeats)]
-        ours = median_run(runs)
-        step_bytes = w_bytes + kv_bytes(config, batch, avg_slots, element_size)
-        ours.update(weight_bytes_per_token=w_bytes / batch, gbps=step_bytes * ours["decode_tok_s"] / batch / 1e9,
-                    peak_memory_gb=peak_memory(device), warmup_s=first_run_s)
-        rows.append(dict(batch=batch, ours=ours, tokens=runs[-1].tokens))
-        log(f"batch {batch:>3}: ours {ours['decode_tok_s']:8.1f} tok/s decode, {ours['prefill_tok_s']:8.1f} tok/s "
-            f"prefill, {ours['gbps']:5.1f} GB/s")
-
+    subjects = {"ours": (runner, run_ours)}
+    per_step = {"ours": (w_bytes, avg_slots)}  # weight bytes read, and KV-cache slots attended over on average
+    rows = {batch: dict(batch=batch) for batch in s.batch_sizes}
+    warm_up(subjects, rows, s, config, device, log)
     if s.hf:
+        # After our warm-ups, so that our peak memory leaves out its copy of the weights.
         hf = hf_twin(build(s)[0] if changed else model, folder)
-        for row in rows:
-            batch = row["batch"]
-            prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)
-            reset_peak_memory(device)
-            for _ in range(s.warmup):
-                run_hf(hf, prompts, s.new_tokens)
-            runs = [run_hf(hf, prompts, s.new_tokens) for _ in range(s.repeats)]
-            theirs = median_run(runs)
-            hf_bytes = weight_bytes(hf) + kv_bytes(config, batch, s.prompt_len + s.new_tokens / 2,
-                                                   next(hf.parameters()).element_size())
-            theirs.update(gbps=hf_bytes * theirs["decode_tok_s"] / batch / 1e9,
-                          peak_memory_gb=peak_memory(device) if device.type == "cuda" else None)
-            row["transformers"] = theirs
-            row["decode_speedup"] = row["ours"]["decode_tok_s"] / theirs["decode_tok_s"]
-            row["prefill_speedup"] = row["ours"]["prefill_tok_s"] / theirs["prefill_tok_s"]
-            row["same_tokens"] = runs[-1].tokens == row["tokens"]
-            log(f"batch {batch:>3}: transformers {theirs['decode_tok_s']:8.1f} tok/s decode: ours x"
-                f"{row['decode_speedup']:.2f}")
-    # Last, so that its large tensor is not in the peak memory of the runs.
-    log(f"measuring the memory bandwidth of {device} ...")
-    result["roofline_gbps"] = roofline = read_bandwidth(device)
-    for row in rows:
-        del row["tokens"]
-        for impl in ("ours", "transformers"):
-            if impl in row:
-                row[impl]["roofline_pct"] = 100 * row[impl]["gbps"] / roofline
+        subjects["transformers"] = (hf, run_hf)
+        per_step["transformers"] = (weight_bytes(hf), s.prompt_len + s.new_tokens / 2)
+        warm_up({"transformers": subjects["transformers"]}, rows, s, config, device, log)
+    roofline = Roofline(device)  # after the warm-ups too, for the same reason
+    timed = timed_runs(subjects, rows, s, config, roofline)
+    for batch, row in rows.items():
+        for impl, (weights, attended) in per_step.items():
+            step_bytes = weights + kv_bytes(config, batch, attended, element_size)
+            runs, readings = zip(*timed[batch, impl])
+            row[impl].update(median_run(runs))
+            achieved = [step_bytes * r.decode_tok_s / batch / 1e9 for r in runs]
+            row[impl].update(gbps=statistics.median(achieved), roofline_gbps=statistics.median(readings),
+                             roofline_pct=statistics.median(100 * a / b for a, b in zip(achieved, readings)),
+                             runs=[dict(decode_tok_s=r.decode_tok_s, gbps=a, roofline_gbps=b)
+                                   for r, a, b in zip(runs, achieved, readings)])
+            row[impl + "_tokens"] = runs[-1].tokens
+        row["ours"]["weight_bytes_per_token"] = w_bytes / batch
+        if "transformers" in row:
+            row["decode_speedup"] = row["ours"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+            row["prefill_speedup"] = row["ours"]["prefill_tok_s"] / row["transformers"]["prefill_tok_s"]
+            row["same_tokens"] = row.pop("transformers_tokens") == row["ours_tokens"]
+        del row["ours_tokens"]
+        log(f"batch {batch:>3}: ours {row['ours']['decode_tok_s']:8.1f} tok/s decode, {row['ours']['gbps']:5.1f} GB/s"
+            f" = {row['ours']['roofline_pct']:.0f}% of the roofline"
+            + (f"; transformers {row['transformers']['decode_tok_s']:8.1f}: ours x{row['decode_speedup']:.2f}"
+               if "transformers" in row else ""))
+    if s.draft is not None or s.prompt_lookup is not None:
+        result["speculative"] = speculation(model, s, config, log)
+    result["roofline_gbps"] = statistics.median(roofline.readings)
+    result["roofline_range_gbps"] = [min(roofline.readings), max(roofline.readings)]
+    rows = list(rows.values())
     result["results"] = rows
     result["load_average_after"] = os.getloadavg()
     return result

@@ -11,6 +11,7 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
          quantize: Literal["int8", "int4"] | None = None, group_size: int = 32, quantize_head: bool = False,
          batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
          new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
+         draft: str | None = None, prompt_lookup: int | None = None, speculate_k: int = 4,
          out: str = "bench.json", plot: str | None = None) -> None:
     """Measure prefill and decode speed, time to first token, memory and bandwidth for each batch size.
 
@@ -39,6 +40,10 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
         warmup: untimed runs first, per batch size.
         hf: also run transformers' generate on the same weights (--no-hf to skip).
         threads: CPU threads for PyTorch (default: PyTorch's own choice).
+        draft: also time speculative decoding with this draft model (checkpoint folder or embedded name, same
+            tokenizer) beside plain decoding, eager, at batch 1: tokens/s, acceptance rate, speed-up.
+        prompt_lookup: the same with prompt lookup (drafts from n-grams of up to N tokens found in the context).
+        speculate_k: with --draft or --prompt-lookup, draft tokens per target pass.
         out: the JSON file of all results.
         plot: a PNG of tokens/s against batch size (default: the JSON's path with .png).
     """
@@ -47,7 +52,8 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
     from modelcode.bench.run import Settings, bench
 
     settings = Settings(model, dtype, device, compile, freeze, autotune, steps_per_call, quantize, group_size,
-                        quantize_head, tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads)
+                        quantize_head, tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads,
+                        draft=draft, prompt_lookup=prompt_lookup, speculate_k=speculate_k)
     result = bench(settings, log=lambda line: print(line, file=sys.stderr))
     print(table(result))
     out_path = Path(out)

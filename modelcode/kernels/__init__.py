@@ -1,5 +1,5 @@
 """Kernels modelcode brings where PyTorch's own are slower: one-row matmuls for decoding on CPUs with
-AVX512-BF16 (`cpu.py`, `cpu.cpp`), and `PackedBF16Linear`, the layer that runs the bfloat16 one."""
+AVX512-BF16 and VNNI (`cpu.py`, `cpu.cpp`), and `PackedBF16Linear`, the layer that runs the bfloat16 one."""
 
 from modelcode.kernels.cpu import kernels_available
 from modelcode.kernels.linear import PackedBF16Linear, pack_bf16_linears

@@ -1,17 +1,24 @@
-// Matrix-vector kernels for decoding on CPUs with AVX512-BF16: bfloat16 weights (`bf16_mm`), int8 weights
-// (`int8_mm`) and int4 weights (`int4_mm`), times bfloat16 activations, for a few rows.
+// Matrix-vector kernels for decoding on CPUs with AVX512-BF16 and VNNI: bfloat16 weights (`bf16_mm`), int8
+// weights (`int8_mm`) and int4 weights (`int4_mm`), times bfloat16 activations, for a few rows.
 //
 // bfloat16: decoding multiplies one row of activations by every weight once, so the weights must stream
 // from memory at full speed. Laid out so that each thread reads its weights front to back, 64 bytes per
 // `vdpbf16ps` (16 outputs x a pair of inputs), with the next ones requested ahead, they stream as fast as
-// a plain sum over memory does (~27 GB/s on a 2-core machine, where the one-row F.linear reaches ~14 and
+// a plain sum over memory does (~27 GB/s on a 2-core Xeon, where the one-row F.linear reaches ~14 and
 // inductor's AMX micro-GEMM ~24).
 //
-// int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), and
-// is read row after row, four rows at a time. 16 codes become 16 float32 numbers in two instructions
-// (sign-extend, convert), are multiplied by 16 activations converted to float32 once per call, and the
-// row's scale is applied once at the end: exact products, float32 sums. PyTorch's `_weight_int8pack_mm`
-// streams ~12 GB/s on the wide layers of a 2-core machine; this, as fast as memory.
+// int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), read
+// row after row. Converting int8 codes to floating point costs two instructions per 16 of them, more than
+// two cores can do at memory speed; so instead the activations become integers, once per call, and
+// `vpdpbusd` multiplies 64 codes by 64 activation bytes per instruction, summing in int32. A row x (bfloat16:
+// 8 significant bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^22, 2^23) and
+// rounded: exact for every input within 2^15 of the largest, the others rounded at 2^-23 of it, far below
+// bfloat16's rounding of the output. Offset by 2^23 it is three unsigned bytes, and
+//
+//   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k b_jk q_nk  -  2^23 sum_k q_nk)      (b_j: byte j of x 2^e + 2^23)
+//
+// is computed exactly in integers (four `vpdpbusd` per 64 codes, the last against ones), then times the row's
+// scale. PyTorch's `_weight_int8pack_mm` converts each code to float and streams ~2/3 as fast.
 //
 // int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;

@@ -1,4 +1,4 @@
-"""modelcode's own decoding kernels for CPUs with AVX512-BF16 (`cpu.cpp`, where they are explained):
+"""modelcode's own decoding kernels for CPUs with AVX512-BF16 and VNNI (`cpu.cpp`, where they are explained):
 bfloat16, int8 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
 extension tools; and the weight layouts they read.
 
@@ -80,8 +80,8 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.modelcode.bf16_mm(x, w)
 
 
-def int8_fits(out_features: int, in_features: int) -> bool:
-    """Whether `int8_mm` takes a weight of this shape (128 inputs at a time)."""
+def int8_fits(in_features: int) -> bool:
+    """Whether `int8_mm` takes a weight with this many inputs (it reads 128 at a time)."""
     return in_features % 128 == 0
 
 

@@ -1,7 +1,8 @@
 """The attention computation shared by every model: masks and scaled dot-product attention.
 
 The projections live in each model file (their names follow each checkpoint); this module only
-decides which keys each query may see, then calls PyTorch's fused `scaled_dot_product_attention`.
+decides which keys each query may see, then calls PyTorch's fused `scaled_dot_product_attention`
+(or, for decoding's lone query on CPU, where that kernel is slow, two plain matrix products).
 """
 
 import torch

@@ -69,7 +69,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.our_kernel = int8_fits(out_features, in_features) and kernels_available()
+        self.our_kernel = int8_fits(in_features) and kernels_available()
         dtype = dtype or torch.get_default_dtype()
         # Parameters (frozen) rather than buffers, so the strict loader checks and fills them like any weight.
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)

@@ -2,6 +2,7 @@
 the JSON, table and plot. Smoke-sized: no assertion here is about speed."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -76,7 +77,12 @@ def test_bench_cli_writes_sane_json_table_and_plot(tmp_path, capsys):
         for impl in ("ours", "transformers"):
             x = r[impl]
             assert x["decode_tok_s"] > 0 and x["prefill_tok_s"] > 0 and x["ttft_ms"] > 0
-            assert x["gbps"] > 0 and x["roofline_pct"] == pytest.approx(100 * x["gbps"] / result["roofline_gbps"])
+            # each run against the bandwidth read just before it, 2 repeats interleaved with the other runs
+            assert len(x["runs"]) == 2 and x["gbps"] > 0
+            assert x["roofline_pct"] == pytest.approx(statistics.median(100 * run["gbps"] / run["roofline_gbps"]
+                                                                        for run in x["runs"]))
+            lo, hi = result["roofline_range_gbps"]
+            assert all(lo <= run["roofline_gbps"] <= hi for run in x["runs"])
         assert r["ours"]["peak_memory_gb"] > 0
         assert r["decode_speedup"] == pytest.approx(r["ours"]["decode_tok_s"] / r["transformers"]["decode_tok_s"])
         assert r["same_tokens"]  # float32 greedy: transformers and we pick the same tokens
@@ -96,6 +102,21 @@ def test_bench_compiled_and_quantized_runs_without_transformers():
     assert result["model"]["weight_bytes_per_step"] < 0.6 * 656_000 * 4  # int8 layers, float32 tied embedding
 
 
+def test_bench_times_speculative_decoding_beside_plain_decoding():
+    from modelcode.bench.report import table
+
+    quick = dict(batch_sizes=(1,), prompt_len=8, new_tokens=12, repeats=1, warmup=0, hf=False)
+    # the embedded model drafting for itself: greedy, so every draft is accepted and the tokens are plain greedy's
+    result = bench(Settings(**quick, draft="tinystories-656k", speculate_k=3), log=lambda _: None)
+    spec = result["speculative"]
+    assert spec["method"] == "draft model" and spec["same_tokens"] and spec["acceptance_rate"] == 1.0
+    assert spec["tokens_per_target_pass"] == 3  # 12 tokens: the prefill's, then 11 in passes of k + 1 = 4 at most
+    assert spec["speculative_tok_s"] > 0 and spec["speedup"] == spec["speculative_tok_s"] / spec["plain_tok_s"]
+    assert "speculative decoding (batch 1, eager, greedy), draft model, k=3" in table(result)
+    lookup = bench(Settings(**quick, prompt_lookup=2), log=lambda _: None)["speculative"]
+    assert lookup["method"] == "prompt lookup n=2" and lookup["same_tokens"] and 0 <= lookup["acceptance_rate"] <= 1
+
+
 def test_bench_bad_settings_say_what_to_do():
     with pytest.raises(ValueError, match="no model 'no-such-model'.*llama-1b"):
         bench(Settings(model="no-such-model", hf=False), log=lambda _: None)
@@ -103,6 +124,8 @@ def test_bench_bad_settings_say_what_to_do():
         bench(Settings(prompt_len=500, new_tokens=20, hf=False), log=lambda _: None)
     with pytest.raises(ValueError, match="--new-tokens >= 2"):
         bench(Settings(new_tokens=1, hf=False), log=lambda _: None)
+    with pytest.raises(ValueError, match="one speculative drafter"):
+        bench(Settings(draft="tinystories-656k", prompt_lookup=3, hf=False), log=lambda _: None)
 
 
 def test_transformers_twin_needs_a_folder_for_other_architectures():

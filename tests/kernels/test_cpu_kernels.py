@@ -9,7 +9,7 @@ import modelcode
 from modelcode.kernels import PackedBF16Linear, kernels_available, pack_bf16_linears
 from modelcode.kernels.cpu import pack_bf16, unpack_bf16
 
-KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16")
+KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
 
 
 def test_bf16_layout_round_trips():

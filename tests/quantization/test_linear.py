@@ -19,6 +19,7 @@ from modelcode.quantization import (
 from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OUR_KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
 
 
 def linear(in_features, out_features, bias=False, dtype=torch.float32, seed=0):
@@ -98,9 +99,6 @@ def test_int8_cpu_kernel_itself():
     torch.testing.assert_close(q8(x), y)  # and the layer takes it for 4 rows
 
 
-OUR_KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
-
-
 @OUR_KERNELS
 def test_our_int8_cpu_kernel_matches_the_float_matmul():
     """modelcode's int8 kernel (in_features a multiple of 128) against float64: the activations as integers
@@ -169,10 +167,7 @@ def test_int4_kernel_layout_round_trips():
     assert (byte >> 4 if h else byte & 0xF) == codes[64 + 32 + i, 8 * c + 4 * e + 2 * h + p]
 
 
-OUR_INT4 = pytest.mark.skipif(not kernels_available(), reason="modelcode's int4 kernel needs AVX512-BF16")
-
-
-@OUR_INT4
+@OUR_KERNELS
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
     portable = Int4Linear.from_linear(linear(512, 192, bias=True, dtype=torch.bfloat16), group_size)
