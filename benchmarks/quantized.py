@@ -8,7 +8,8 @@ runs decodes once with every variant, the bandwidth read just before each run (`
 
     python benchmarks/quantized.py [--model llama-1b] [--variants bf16 int8 int4 int4-head] [--repeats 5]
 
-Variants: bf16; int8; int4 (group 32, bf16 head); int4-head (the head too, as gpt-fast); int4-g128-head.
+Variants: bf16; int8 (bf16 head); int8-head (the head too, as gpt-fast); int4 (group 32, bf16 head);
+int4-head; int4-g128-head.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from modelcode.quantization import quantize
 VARIANTS = {  # name -> (mode, group size, quantize the head too)
     "bf16": None,
     "int8": ("int8", None, False),
+    "int8-head": ("int8", None, True),
     "int4": ("int4", 32, False),
     "int4-head": ("int4", 32, True),
     "int4-g128-head": ("int4", 128, True),
@@ -47,7 +49,8 @@ def build(preset: str, variant: str, slots: int) -> tuple[CompiledModel, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-1b", help="a preset shape (random weights)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the first is the base of the speed-ups")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)

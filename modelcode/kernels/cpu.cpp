@@ -11,14 +11,15 @@
 // row after row. Converting int8 codes to floating point costs two instructions per 16 of them, more than
 // two cores can do at memory speed; so instead the activations become integers, once per call, and
 // `vpdpbusd` multiplies 64 codes by 64 activation bytes per instruction, summing in int32. A row x (bfloat16:
-// 8 significant bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^22, 2^23) and
-// rounded: exact for every input within 2^15 of the largest, the others rounded at 2^-23 of it, far below
-// bfloat16's rounding of the output. Offset by 2^23 it is three unsigned bytes, and
+// 8 significant bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^21, 2^22) and
+// rounded: exact for every input within 2^14 of the largest, the others rounded at 2^-22 of it, far below
+// bfloat16's rounding of the output. Such an integer is three signed bytes d_j (x 2^e = sum_j 2^(8j) d_j), and
+// the instruction wants its other operand unsigned: the codes, offset to 128 + q (their top bit flipped). So
 //
-//   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k b_jk q_nk  -  2^23 sum_k q_nk)      (b_j: byte j of x 2^e + 2^23)
+//   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k d_jk (128 + q_nk)  -  128 sum_k x_k 2^e)
 //
-// is computed exactly in integers (four `vpdpbusd` per 64 codes, the last against ones), then times the row's
-// scale. PyTorch's `_weight_int8pack_mm` converts each code to float and streams ~2/3 as fast.
+// is computed exactly in integers (one xor and three `vpdpbusd` per 64 codes), then times the row's scale.
+// PyTorch's `_weight_int8pack_mm` converts each code to float, and streams ~2/3 as fast.
 //
 // int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
@@ -81,40 +82,40 @@ void dot_64_bf16(const at::BFloat16* x, const uint8_t* w, at::BFloat16* y, int64
   for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, _mm512_add_ps(even[b], odd[b]));
 }
 
-// int8: the activations of one row as three unsigned bytes per input (`pieces`, see int8_pieces) against the
-// weight row w (K,), scaled back by `unit` and the row's scale. `vpdpbusd` multiplies 64 unsigned bytes by 64
-// signed ones and sums each 4 into an int32 lane, so a 64-byte line of weights takes 4 instructions: one per
-// byte of the activations, one for sum_k q_k. Rows are read one after the other, a single stream per thread.
-float dot_int8(const uint8_t* pieces, double unit, const int8_t* w, int64_t K) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[2][4];  // [line parity][byte 0, 1, 2 of the activations; sum of the codes]: 8 sums in flight
+// int8: the activations of one row as three signed bytes per input (`digits`, see int8_digits) against the
+// weight row w (K,), scaled back by `unit`. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed ones and sums
+// each 4 into an int32 lane: the codes, offset to 128 + q by flipping their top bit, are the unsigned ones, so a
+// 64-byte line of weights takes one xor and 3 `vpdpbusd`, one per byte of the activations. Rows are read one
+// after the other, a single stream per thread.
+float dot_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_t* w, int64_t K) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[2][3];  // [line parity][byte 0, 1, 2 of the activations]: 6 sums in flight
   for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 128) {
     _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kPrefetchBytes), _MM_HINT_T1);
     for (int i = 0; i < 2; ++i) {
-      const __m512i v = _mm512_loadu_si512(w + k + 64 * i);
-      const uint8_t* p = pieces + 3 * (k + 64 * i);
-      for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], _mm512_loadu_si512(p + 64 * j), v);
-      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], ones, v);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * i), flip);  // 128 + q, unsigned
+      const int8_t* d = digits + 3 * (k + 64 * i);
+      for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], v, _mm512_loadu_si512(d + 64 * j));
     }
   }
-  // sum_k (x_k 2^e + 2^23) q_k - 2^23 sum_k q_k, exactly, in int64
-  int64_t sum = 0;
-  for (int j = 0; j < 4; ++j) {
-    const int64_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][j], acc[1][j]));
-    sum += j < 3 ? s << (8 * j) : -(s << 23);
+  // sum_k x_k 2^e (128 + q_k) - 128 sum_k x_k 2^e, exactly, in int64
+  int64_t sum = -128 * digit_sum;
+  for (int j = 0; j < 3; ++j) {
+    sum += static_cast<int64_t>(_mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][j], acc[1][j]))) << (8 * j);
   }
   return static_cast<float>(static_cast<double>(sum) * unit);
 }
 
 // One row of activations x (K,) as integers: x_k 2^e rounded, 2^e the power of two that puts max |x_k| in
-// [2^22, 2^23), so that every input within 2^15 of the largest is exact (bfloat16 has 8 significant bits) and
-// the rest is rounded at 2^-23 of the largest, far below bfloat16's rounding of the output. Plus 2^23 (unsigned,
-// as `vpdpbusd` wants), as three bytes: pieces (3K,) holds, per 64 inputs, their 64 low bytes, then the middle
-// ones, then the high ones. Returns 2^-e (NaN if x holds a NaN or an infinity).
-double int8_pieces(const at::BFloat16* x, uint8_t* pieces, int64_t K) {
+// [2^21, 2^22), so that every input within 2^14 of the largest is exact (bfloat16 has 8 significant bits) and
+// the rest is rounded at 2^-22 of the largest, far below bfloat16's rounding of the output. Each integer is
+// written as three signed bytes, d0 + 2^8 d1 + 2^16 d2 (d0, d1 in -128..127, d2 in -64..64): digits (3K,) holds,
+// per 64 inputs, their 64 d0, then the d1, then the d2. Returns 2^-e (NaN if x holds a NaN or an infinity), and
+// the sum of the integers in `sum`.
+double int8_digits(const at::BFloat16* x, int8_t* digits, int64_t K, int64_t* sum) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < K; k += 16) {
@@ -126,16 +127,24 @@ double int8_pieces(const at::BFloat16* x, uint8_t* pieces, int64_t K) {
   if (nan || !std::isfinite(largest)) return std::nan("");  // the outputs too: NaN in, NaN out
   int e2 = 0;
   std::frexp(largest, &e2);  // largest in [2^(e2-1), 2^e2)
-  const int e = 23 - e2;
+  const int e = 22 - e2;
   const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, e));  // exact: a power of two
-  const __m512i offset = _mm512_set1_epi32(1 << 23);
+  __m512i totals[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};  // per digit
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(x + k), up)), offset);
-    uint8_t* p = pieces + 3 * (k / 64 * 64) + k % 64;
+    __m512i d[3];
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(x + k), up));  // rounded to nearest
+    d[0] = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);  // the low byte, sign-extended
+    const __m512i rest = _mm512_srai_epi32(_mm512_sub_epi32(v, d[0]), 8);
+    d[1] = _mm512_srai_epi32(_mm512_slli_epi32(rest, 24), 24);
+    d[2] = _mm512_srai_epi32(_mm512_sub_epi32(rest, d[1]), 8);
+    int8_t* p = digits + 3 * (k / 64 * 64) + k % 64;
     for (int j = 0; j < 3; ++j) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 64 * j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * j)));
+      totals[j] = _mm512_add_epi32(totals[j], d[j]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 64 * j), _mm512_cvtepi32_epi8(d[j]));
     }
   }
+  *sum = 0;
+  for (int j = 0; j < 3; ++j) *sum += static_cast<int64_t>(_mm512_reduce_add_epi32(totals[j])) << (8 * j);
   return std::ldexp(1.0, -e);
 }
 
@@ -208,18 +217,23 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
               "int8_mm: scales must be (N,) bfloat16");
   const torch::Tensor xc = x.contiguous();
-  std::vector<uint8_t> pieces(M * 3 * K);
+  std::vector<int8_t> digits(M * 3 * K);
   std::vector<double> units(M);
-  for (int64_t m = 0; m < M; ++m) units[m] = int8_pieces(xc.data_ptr<at::BFloat16>() + m * K, &pieces[m * 3 * K], K);
+  std::vector<int64_t> sums(M);
+  for (int64_t m = 0; m < M; ++m) {
+    units[m] = int8_digits(xc.data_ptr<at::BFloat16>() + m * K, &digits[m * 3 * K], K, &sums[m]);
+  }
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const uint8_t* pp = pieces.data();
+  const int8_t* dp = digits.data();
   const auto* wp = w.data_ptr<int8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float scale = static_cast<float>(sp[n]);
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = scale * dot_int8(pp + m * 3 * K, units[m], wp + n * K, K);
+      for (int64_t m = 0; m < M; ++m) {
+        yp[m * N + n] = scale * dot_int8(dp + m * 3 * K, sums[m], units[m], wp + n * K, K);
+      }
     }
   });
   return y;
