@@ -90,7 +90,29 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(settings=vars(args), machine=machine(torch.device("cpu")),
                                    roofline_readings_gbps=roofline.readings, results=results), indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out} and {plot(json.loads(out.read_text()), out.with_suffix('.png'))}")
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Decode tokens/s per variant, each bar labelled with its speed-up over the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rows = list(result["results"]), list(result["results"].values())
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    bars = ax.bar(names, [r["decode_tok_s"] for r in rows], color="tab:blue")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['speedup']:.2f}x, {r['roofline_pct']:.0f}%", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    s = result["settings"]
+    ax.set(ylabel="decode tokens/s (batch 1)", title=f"{s['model']} compiled on {result['machine']['cpu']}: "
+           "speed-up over the first, % of the roofline")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

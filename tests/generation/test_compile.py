@@ -140,6 +140,25 @@ def test_compiled_context_is_its_static_length(plain, compiled):
         compiled.generate([ids * 40], max_new_tokens=5)
 
 
+def test_compiled_calls_after_the_first_pick_their_own_graph(plain, compiled):
+    """Once a (batch size, sampling) graph is compiled, its calls skip dynamo's guards but for those that tell
+    the compiled graphs apart: two compiled models of the same code, and two settings, called in turn, must
+    each still run their own."""
+    other = modelcode.load("tinystories-656k")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(torch.linspace(0.5, 1.5, other.model.norm.weight.numel()))
+
+    def both(lm):  # greedy, and sampled with a seed
+        return (lm.generate([[1, 415, 1261]], max_new_tokens=20)[0],
+                lm.generate([[1, 415, 1261]], max_new_tokens=20, temperature=0.9, seed=3)[0])
+
+    expected = [both(plain), both(other)]
+    assert expected[0] != expected[1]
+    other.compile(max_seq_len=128, autotune=False)
+    for _ in range(2):
+        assert [both(compiled), both(other)] == expected
+
+
 def test_unfrozen_compiled_step_reads_the_models_own_weights():
     model = modelcode.load("tinystories-656k").model  # its own copy: the weights change below
     lean = CompiledModel(model, max_seq_len=96, freeze=False)
