@@ -6,10 +6,11 @@ of such layers, large enough to come from memory rather than cache where the sha
 kernel the decode step may use: eager `F.linear` (bf16), the compiled step's choice (inductor with frozen
 weights and autotuning, as `--compile` does), modelcode's own bf16 kernel (bf16-modelcode: the layers
 `--compile` runs on CPUs with AVX512-BF16), and the int8 / int4 layers of `modelcode.quantization`
-(int4: modelcode's kernel where it runs; MODELCODE_NO_CPU_KERNELS=1 for PyTorch's), eager and compiled.
+(modelcode's kernels where they run; int8-pytorch: PyTorch's `_weight_int8pack_mm` in the same run;
+MODELCODE_NO_CPU_KERNELS=1 for PyTorch's int4 too), eager and compiled.
 Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
 
-    python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 bf16-modelcode int8 int4] [--compile]
+    python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 bf16-modelcode int8 int8-pytorch int4] [--compile]
 """
 
 import argparse
@@ -58,9 +59,13 @@ def stack(shape: tuple[int, int], n: int, kernel: str) -> Stack:
         if not pack_bf16_linears(model):
             raise SystemExit("modelcode's bf16 kernel does not run on this machine (it needs AVX512-BF16)")
     elif kernel != "bf16":
-        from modelcode.quantization import quantize
+        from modelcode.quantization import Int8Linear, quantize
 
-        quantize(model, kernel, 32)
+        quantize(model, kernel.removesuffix("-pytorch"), 32)
+        if kernel == "int8-pytorch":  # PyTorch's `_weight_int8pack_mm`, in the same run as ours
+            for m in model.modules():
+                if isinstance(m, Int8Linear):
+                    m.our_kernel = False
     return model
 
 
@@ -79,7 +84,7 @@ def seconds(fn, x: torch.Tensor, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama-1b")
-    parser.add_argument("--kernels", nargs="+", default=["bf16", "bf16-modelcode", "int8", "int4"])
+    parser.add_argument("--kernels", nargs="+", default=["bf16", "bf16-modelcode", "int8", "int8-pytorch", "int4"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gb", type=float, default=0.6, help="bf16 bytes per stack, at most 64 layers")
     args = parser.parse_args()

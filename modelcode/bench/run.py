@@ -117,6 +117,18 @@ def timed_runs(subjects: dict, rows: dict, s: Settings, config, roofline: Roofli
     return timed
 
 
+def summarize(out: dict, timed: list, step_bytes: float, batch: int) -> list[list[int]]:
+    """Medians of one subject's timed runs at one batch size into `out`, each run's GB/s set against the
+    bandwidth read just before it; returns the last run's tokens."""
+    runs, readings = zip(*timed)
+    achieved = [step_bytes * r.decode_tok_s / batch / 1e9 for r in runs]
+    out.update(median_run(runs), gbps=statistics.median(achieved), roofline_gbps=statistics.median(readings),
+               roofline_pct=statistics.median(100 * a / b for a, b in zip(achieved, readings)),
+               runs=[dict(decode_tok_s=r.decode_tok_s, gbps=a, roofline_gbps=b)
+                     for r, a, b in zip(runs, achieved, readings)])
+    return runs[-1].tokens
+
+
 def speculation(model: torch.nn.Module, s: Settings, config, log) -> dict:
     """Plain and speculative greedy decoding of the batch-1 prompt, side by side (see `speculation.py`)."""
     draft = None
@@ -182,22 +194,13 @@ def bench(s: Settings, log=print) -> dict:
     roofline = Roofline(device)  # after the warm-ups too, for the same reason
     timed = timed_runs(subjects, rows, s, config, roofline)
     for batch, row in rows.items():
-        for impl, (weights, attended) in per_step.items():
-            step_bytes = weights + kv_bytes(config, batch, attended, element_size)
-            runs, readings = zip(*timed[batch, impl])
-            row[impl].update(median_run(runs))
-            achieved = [step_bytes * r.decode_tok_s / batch / 1e9 for r in runs]
-            row[impl].update(gbps=statistics.median(achieved), roofline_gbps=statistics.median(readings),
-                             roofline_pct=statistics.median(100 * a / b for a, b in zip(achieved, readings)),
-                             runs=[dict(decode_tok_s=r.decode_tok_s, gbps=a, roofline_gbps=b)
-                                   for r, a, b in zip(runs, achieved, readings)])
-            row[impl + "_tokens"] = runs[-1].tokens
+        tokens = {impl: summarize(row[impl], timed[batch, impl], weights + kv_bytes(config, batch, attended,
+                                  element_size), batch) for impl, (weights, attended) in per_step.items()}
         row["ours"]["weight_bytes_per_token"] = w_bytes / batch
         if "transformers" in row:
             row["decode_speedup"] = row["ours"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
             row["prefill_speedup"] = row["ours"]["prefill_tok_s"] / row["transformers"]["prefill_tok_s"]
-            row["same_tokens"] = row.pop("transformers_tokens") == row["ours_tokens"]
-        del row["ours_tokens"]
+            row["same_tokens"] = tokens["transformers"] == tokens["ours"]
         log(f"batch {batch:>3}: ours {row['ours']['decode_tok_s']:8.1f} tok/s decode, {row['ours']['gbps']:5.1f} GB/s"
             f" = {row['ours']['roofline_pct']:.0f}% of the roofline"
             + (f"; transformers {row['transformers']['decode_tok_s']:8.1f}: ours x{row['decode_speedup']:.2f}"
@@ -206,7 +209,6 @@ def bench(s: Settings, log=print) -> dict:
         result["speculative"] = speculation(model, s, config, log)
     result["roofline_gbps"] = statistics.median(roofline.readings)
     result["roofline_range_gbps"] = [min(roofline.readings), max(roofline.readings)]
-    rows = list(rows.values())
-    result["results"] = rows
+    result["results"] = list(rows.values())
     result["load_average_after"] = os.getloadavg()
     return result
