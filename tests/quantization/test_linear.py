@@ -99,21 +99,29 @@ def test_int8_cpu_kernel_itself():
     torch.testing.assert_close(q8(x), y)  # and the layer takes it for 4 rows
 
 
-@OUR_KERNELS
-def test_our_int8_cpu_kernel_matches_the_float_matmul():
-    """modelcode's int8 kernel (in_features a multiple of 128) against float64: the activations as integers
-    (24 bits), the products summed exactly, so only bfloat16's rounding of y is left."""
-    q8 = Int8Linear.from_linear(linear(384, 72, bias=True, dtype=torch.bfloat16))
-    assert q8.our_kernel
-    weight = dequantize_int8(q8.weight, q8.scales).double()
-    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
-        x = torch.randn(rows, 384).bfloat16()
-        ref = F.linear(x.double(), weight, q8.bias.double())
-        y = q8(x)
-        assert y.shape == (rows, 72) and y.dtype == torch.bfloat16
+def assert_kernel_and_dense_paths_match(layer, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """A bfloat16 layer against float64 with its dequantized weight: 1, 3 and 16 rows (decoding) run in the
+    kernel, where the products are exact and the sums float32 or wider, so only bfloat16's rounding of y is
+    left; 17 rows (prefill) in a dense matmul, which also rounds the dequantized weight to bfloat16."""
+    out_features, in_features = weight.shape
+    for rows in (1, 3, 16, 17):
+        x = torch.randn(rows, in_features).bfloat16()
+        ref = F.linear(x.double(), weight.double(), bias.double())
+        y = layer(x)
+        assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
         tol = 8e-3 if rows <= 16 else 2e-2
         torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
-    assert torch.equal(q8(x[:3]), torch.ops.modelcode.int8_mm(x[:3], q8.weight, q8.scales) + q8.bias)
+
+
+@OUR_KERNELS
+def test_our_int8_cpu_kernel_matches_the_float_matmul():
+    """modelcode's int8 kernel (in_features a multiple of 128): the activations as 22-bit integers, the
+    products summed exactly in integers."""
+    q8 = Int8Linear.from_linear(linear(384, 72, bias=True, dtype=torch.bfloat16))
+    assert q8.our_kernel
+    assert_kernel_and_dense_paths_match(q8, dequantize_int8(q8.weight, q8.scales), q8.bias)
+    x = torch.randn(3, 384).bfloat16()
+    assert torch.equal(q8(x), torch.ops.modelcode.int8_mm(x, q8.weight, q8.scales) + q8.bias)
 
 
 @OUR_KERNELS
@@ -174,15 +182,7 @@ def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
     packed = portable.pack()
     assert isinstance(packed, PackedInt4Linear) and packed.kernel == "avx512-bf16"
     weight = dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float())
-    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
-        x = torch.randn(rows, 512).bfloat16()
-        ref = F.linear(x.float(), weight, portable.bias.float())
-        y = packed(x)
-        assert y.shape == (rows, 192) and y.dtype == torch.bfloat16
-        # kernel: exact products summed in float32, so only bfloat16's rounding of y is left; the dense path
-        # also rounds the dequantized weight to bfloat16, as PyTorch's kernel does (tolerance as above)
-        tol = 8e-3 if rows <= 16 else 2e-2
-        torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    assert_kernel_and_dense_paths_match(packed, weight, portable.bias)
 
 
 def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():
