@@ -116,6 +116,7 @@ float dot_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_
 // per 64 inputs, their 64 d0, then the d1, then the d2. Returns 2^-e (NaN if x holds a NaN or an infinity), and
 // the sum of the integers in `sum`.
 double int8_digits(const at::BFloat16* x, int8_t* digits, int64_t K, int64_t* sum) {
+  *sum = 0;
   __m512 amax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < K; k += 16) {
@@ -143,7 +144,6 @@ double int8_digits(const at::BFloat16* x, int8_t* digits, int64_t K, int64_t* su
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 64 * j), _mm512_cvtepi32_epi8(d[j]));
     }
   }
-  *sum = 0;
   for (int j = 0; j < 3; ++j) *sum += static_cast<int64_t>(_mm512_reduce_add_epi32(totals[j])) << (8 * j);
   return std::ldexp(1.0, -e);
 }
