@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modelcode.bench.measure import Roofline, run_ours
-from modelcode.bench.run import Settings, kv_bytes, machine, timed_runs, warm_up
+from modelcode.bench.run import Settings, kv_bytes, machine, summarize, timed_runs, warm_up
 from modelcode.bench.subjects import random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.quantization import quantize
@@ -37,7 +37,7 @@ VARIANTS = {  # name -> (mode, group size, quantize the head too)
 
 def build(preset: str, variant: str, slots: int) -> tuple[CompiledModel, int]:
     """The variant's compiled model of random weights (the same seed for all: the same weights), and the
-    weight bytes one decode step reads."""
+    bytes of weights one decode step reads."""
     model = random_model(preset, torch.bfloat16, torch.device("cpu")).eval().requires_grad_(False)
     if VARIANTS[variant] is not None:
         mode, group_size, head = VARIANTS[variant]
@@ -63,28 +63,25 @@ def main() -> None:
     for variant in args.variants:
         runner, w_bytes = build(args.model, variant, slots)
         subjects[variant] = (runner, run_ours)
-        step_bytes[variant] = w_bytes + kv_bytes(runner.config, 1, slots, 2)
+        step_bytes[variant] = w_bytes + kv_bytes(runner.config, 1, slots, torch.bfloat16.itemsize)
     config = next(iter(subjects.values()))[0].config
     rows = {1: dict(batch=1)}
     warm_up(subjects, rows, s, config, torch.device("cpu"), print)  # compiles each variant
     roofline = Roofline(torch.device("cpu"))
     timed = timed_runs(subjects, rows, s, config, roofline)
-    base = args.variants[0]
-    base_tok_s = [run.decode_tok_s for run, _ in timed[1, base]]
     results = {}
-    for variant in args.variants:
-        runs = [(run.decode_tok_s, reading) for run, reading in timed[1, variant]]
-        gbps = [step_bytes[variant] * tok_s / 1e9 for tok_s, _ in runs]
-        results[variant] = dict(
-            decode_tok_s=statistics.median(t for t, _ in runs), gbps=statistics.median(gbps),
-            roofline_pct=statistics.median(100 * g / r for g, (_, r) in zip(gbps, runs)),
-            speedup=statistics.median(t / b for (t, _), b in zip(runs, base_tok_s)),
-            weight_bytes_per_step=step_bytes[variant], runs=[dict(decode_tok_s=t, roofline_gbps=r) for t, r in runs])
+    for variant in args.variants:  # as `modelcode bench` does for each batch size, plus the speed-up
+        results[variant] = dict(bytes_per_step=step_bytes[variant])
+        summarize(results[variant], timed[1, variant], step_bytes[variant], batch=1)
+    base = args.variants[0]
+    for r in results.values():
+        r["speedup"] = statistics.median(run["decode_tok_s"] / b["decode_tok_s"]
+                                         for run, b in zip(r["runs"], results[base]["runs"]))
     print(f"{args.model}, batch 1, compiled, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
           f"{args.repeats} interleaved rounds; roofline {min(roofline.readings):.1f}-{max(roofline.readings):.1f} GB/s")
     print(f"{'variant':>16} {'decode tok/s':>12} {'GB/step':>8} {'GB/s':>6} {'% roofline':>10} {f'vs {base}':>8}")
     for variant, r in results.items():
-        print(f"{variant:>16} {r['decode_tok_s']:12.1f} {r['weight_bytes_per_step'] / 1e9:8.3f} {r['gbps']:6.1f} "
+        print(f"{variant:>16} {r['decode_tok_s']:12.1f} {r['bytes_per_step'] / 1e9:8.3f} {r['gbps']:6.1f} "
               f"{r['roofline_pct']:10.0f} {r['speedup']:7.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@
 //   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k d_jk (128 + q_nk)  -  128 sum_k x_k 2^e)
 //
 // is computed exactly in integers (one xor and three `vpdpbusd` per 64 codes), then times the row's scale.
-// PyTorch's `_weight_int8pack_mm` converts each code to float, and streams ~2/3 as fast.
+// PyTorch's `_weight_int8pack_mm` converts each code to float, and streams 2/3 to 7/8 as fast.
 //
 // int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;

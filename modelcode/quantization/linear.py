@@ -59,8 +59,8 @@ class Int8Linear(nn.Module):
 
     On CPU, for a few rows of bfloat16 activations (decoding), the matmul reads the int8 weight directly:
     in modelcode's kernel (kernels/cpu.py: `vpdpbusd` on CPUs with AVX512-BF16 and VNNI, in_features a
-    multiple of 128), else in PyTorch's `_weight_int8pack_mm`, which streams the wide layers at about
-    two thirds of that speed. Both are matrix-vector kernels (PyTorch's, measured on a 2048x5632 layer: as
+    multiple of 128), else in PyTorch's `_weight_int8pack_mm`, which streams the wide layers at 2/3 to
+    7/8 of that speed. Both are matrix-vector kernels (PyTorch's, measured on a 2048x5632 layer: as
     slow as converting the weight and multiplying at 16 rows, 10x slower than a dense matmul at 256), so
     everything else takes `linear(x, W.to(x.dtype)) * scale`, which is also what runs on GPU
     (torch.compile fuses the conversion into the matmul there).
