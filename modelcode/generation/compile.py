@@ -23,7 +23,8 @@ For the one-row matmuls of decoding its kernels stream weights faster than eager
 BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
 compiling), a longer compile, and weights that must not change afterwards. Faster still, on CPUs with
 AVX512-BF16, bfloat16 Linear layers are first rearranged in place for modelcode's own decoding kernel
-(`kernels/`), which streams them at the speed of memory; those need no second copy.
+(`kernels/`), which streams them at the speed of memory; those need no second copy. Layers that read the
+same input (q, k and v; gate and up) are then fused into one matmul each (`kernels/fuse.py`).
 """
 
 import dataclasses
@@ -34,6 +35,7 @@ from torch import nn
 from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
 from modelcode.kernels import pack_bf16_linears
+from modelcode.kernels.fuse import fuse_projections
 from modelcode.layers import KVCache, StaticKVCache
 
 # Positions a compiled model keeps cache slots for, unless told otherwise (or the model's context if smaller).
@@ -42,6 +44,9 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 # Graphs of the compiled steps in one process (batch sizes x sampling settings x compiled models), at most.
 MAX_GRAPHS = 256
+
+# Inductor's C++ kernels run on one thread unless each thread would get at least this many values (see below).
+PARALLEL_KERNEL_MIN_VALUES_PER_THREAD = 16384
 
 # Models with at most this many bytes of weights decode several steps per compiled call (see above).
 SMALL_MODEL_BYTES = 64 * 2**20
@@ -58,8 +63,11 @@ def compile_settings(device: torch.device, freeze: bool = True, autotune: bool =
     to hold while it compiles."""
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}, {}  # CUDA graphs
-    # The C++ wrapper calls the kernels from C++ rather than Python: it matters for small models.
-    settings = {"cpp_wrapper": True}
+    # The C++ wrapper calls the kernels from C++ rather than Python: it matters for small models. A decode
+    # step's elementwise kernels and norms are small (a few thousand values per sequence): starting and joining
+    # threads costs more than it saves below ~16K values per thread, so those run on one (llama-1b int4 batch 1:
+    # ~5% faster; inductor's default splits from 512).
+    settings = {"cpp_wrapper": True, "cpp.min_chunk_size": PARALLEL_KERNEL_MIN_VALUES_PER_THREAD}
     if freeze:
         # Freezing folds the weights into the compiled code as constants (inference only); max_autotune
         # times inductor's C++ GEMMs, which need constant weights, against the library's for each shape.
@@ -100,6 +108,8 @@ class CompiledModel:
         self.device = next(model.parameters()).device
         # On CPU: bfloat16 Linear layers swapped, in place, for the decoding kernel's (0 where it cannot run).
         self.packed_layers = pack_bf16_linears(model) if self.device.type == "cpu" else 0
+        # ... and layers that read the same input (q, k, v; gate, up) made slices of one matrix: one call each.
+        self.fused_groups = fuse_projections(model) if self.device.type == "cpu" else 0
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.

@@ -1,5 +1,6 @@
 """Kernels modelcode brings where PyTorch's own are slower: one-row matmuls for decoding on CPUs with
-AVX512-BF16 and VNNI (`cpu.py`, `cpu.cpp`), and `PackedBF16Linear`, the layer that runs the bfloat16 one."""
+AVX512-BF16 and VNNI (`cpu.py`, `cpu.cpp`), `PackedBF16Linear`, the layer that runs the bfloat16 one, and
+`fuse.py`, which makes layers that read the same input one matmul."""
 
 from modelcode.kernels.cpu import kernels_available
 from modelcode.kernels.linear import PackedBF16Linear, pack_bf16_linears

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcode.layers.projection import project
+
 
 class SwiGLU(nn.Module):
     """The gated feed-forward of Llama (Shazeer 2020, "GLU Variants Improve Transformer"):
@@ -16,4 +18,5 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)

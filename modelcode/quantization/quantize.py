@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -120,9 +121,15 @@ def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Pat
     scheme = scheme_of(model)
     out.mkdir(parents=True, exist_ok=True)
     copy_non_weight_files(source, out)
-    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
+    tensors = {name: own_memory(p.detach().contiguous().cpu()) for name, p in model.named_parameters()}  # tied: once
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(asdict(scheme))})
     return out
+
+
+def own_memory(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if it is a slice of a larger tensor (layers fused for decoding are, see kernels/fuse.py):
+    safetensors refuses tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 def copy_non_weight_files(source: Path, out: Path) -> None:
