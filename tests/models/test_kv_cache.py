@@ -40,3 +40,16 @@ def test_unequal_lengths_share_a_batch(lm, static):
             out = lm.model(step_tokens, pos, cache)
             torch.testing.assert_close(out[0, 0], alone[0][0, pos[0, 0]], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(out[1, 0], alone[1][0, pos[1, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_gives_a_prompt_the_slots_up_to_its_last_position_and_a_decode_step_all():
+    from modelcode.layers import StaticKVCache
+
+    cache = StaticKVCache(n_layers=1, batch_size=2, n_kv_heads=2, head_dim=4, max_seq_len=32)
+    k = torch.randn(2, 2, 5, 4)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])  # the second continues an earlier prompt
+    got_k, got_v = cache.update(0, k, k + 1, positions)
+    assert got_k.shape == got_v.shape == (2, 2, 8, 4)  # slots 0..7: no query sees a later one
+    assert torch.equal(got_k[1, :, 3:8], k[1]) and torch.equal(got_v[0, :, :5], k[0] + 1)
+    got_k, _ = cache.update(0, torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.tensor([[5], [8]]))
+    assert got_k.shape == (2, 2, 32, 4)  # a decode step: the fixed shape a compiled step is built for
