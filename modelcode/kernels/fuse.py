@@ -24,10 +24,6 @@ from modelcode.quantization.linear import Int8Linear, PackedInt4Linear
 # Children of one module that take the same input, by name (Meta's Llama names: attention, SwiGLU).
 SIBLINGS = (("wq", "wk", "wv"), ("w1", "w3"))
 
-# Above this many rows (prefill) the layers run one by one: each dense matmul reorders or dequantizes its
-# weight first, and one layer's (llama-1b w1: 23 MB) still fits the last-level cache where a fused pair's
-# does not (llama-1b prefill of 128 tokens: 111 tok/s one by one, 90 fused).
-FUSED_MAX_ROWS = 16
 
 
 class Fusion:
@@ -44,7 +40,11 @@ class Fusion:
             m.fusion = self
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.numel() // x.shape[-1] > FUSED_MAX_ROWS:
+        # Past the rows their kernel takes (prompts, large batches) the layers run one by one: a dense matmul
+        # first reorders or dequantizes its weight, and one layer's (llama-1b w1: 23 MB) fits the last-level
+        # cache where a fused pair's does not (llama-1b bf16, 128-token prompt, interleaved: 117-137 tok/s
+        # one by one, 103-107 fused).
+        if x.numel() // x.shape[-1] > self.fused.kernel_max_rows:
             return tuple(m(x) for m in self.members)
         return self.fused(x).split(self.sizes, dim=-1)
 

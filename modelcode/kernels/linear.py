@@ -16,6 +16,8 @@ KERNEL_MAX_ROWS = 4
 
 
 class PackedBF16Linear(nn.Module):
+    kernel_max_rows = KERNEL_MAX_ROWS
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -24,7 +26,7 @@ class PackedBF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16:
+        if rows.shape[0] <= self.kernel_max_rows and x.dtype == torch.bfloat16:
             y = bf16_mm(rows, self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, unpack_bf16(self.weight).to(x.dtype), self.bias)

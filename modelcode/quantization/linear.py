@@ -66,6 +66,8 @@ class Int8Linear(nn.Module):
     (torch.compile fuses the conversion into the matmul there).
     """
 
+    kernel_max_rows = INT8_KERNEL_MAX_ROWS
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -85,7 +87,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.is_cpu and x.dtype == torch.bfloat16 and rows <= INT8_KERNEL_MAX_ROWS:
+        if x.is_cpu and x.dtype == torch.bfloat16 and rows <= self.kernel_max_rows:
             ours = self.our_kernel and self.scales.dtype == torch.bfloat16
             mm = int8_mm if ours else torch.ops.aten._weight_int8pack_mm
             y = mm(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scales)
@@ -228,6 +230,8 @@ class PackedInt4Linear(nn.Module):
     dequantized for a dense matmul, so those cases stay slow: load in bfloat16 for speed.
     """
 
+    kernel_max_rows = INT4_KERNEL_MAX_ROWS
+
     def __init__(self, layer: Int4Linear, kernel: str):
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
@@ -251,7 +255,7 @@ class PackedInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "avx512-bf16" and (rows.shape[0] > INT4_KERNEL_MAX_ROWS or x.dtype != torch.bfloat16):
+        if self.kernel == "avx512-bf16" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
             y = F.linear(rows, dequantize_packed(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
         elif self.kernel == "avx512-bf16":
             y = int4_mm(rows, self.weight, self.scales_and_zeros, self.group_size)

@@ -118,6 +118,7 @@ def test_compiled_bfloat16_chooses_what_eager_would():
     ids = lm.tokenizer.encode(PROMPTS[2], bos=True)
     got, _ = lm.generate([ids], max_new_tokens=30)
     assert lm.compiled.packed_layers == (14 if kernels_available() else 0)
+    assert lm.compiled.fused_groups == (4 if kernels_available() else 0)  # q, k, v and gate, up of 2 layers
     assert_each_token_is_a_near_argmax(lm.model, ids, got[0])
 
 
