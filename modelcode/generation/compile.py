@@ -24,7 +24,8 @@ BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a 
 compiling), a longer compile, and weights that must not change afterwards. Faster still, on CPUs with
 AVX512-BF16, bfloat16 Linear layers are first rearranged in place for modelcode's own decoding kernel
 (`kernels/`), which streams them at the speed of memory; those need no second copy. Layers that read the
-same input (q, k and v; gate and up) are then fused into one matmul each (`kernels/fuse.py`).
+same input (q, k and v; gate and up) are then fused into one matmul each (`kernels/fuse.py`), and the
+weights moved onto huge pages (`kernels/pages.py`).
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
 from modelcode.kernels import pack_bf16_linears
 from modelcode.kernels.fuse import fuse_projections
+from modelcode.kernels.pages import move_to_huge_pages
 from modelcode.layers import KVCache, StaticKVCache
 
 # Positions a compiled model keeps cache slots for, unless told otherwise (or the model's context if smaller).
@@ -110,6 +112,8 @@ class CompiledModel:
         self.packed_layers = pack_bf16_linears(model) if self.device.type == "cpu" else 0
         # ... and layers that read the same input (q, k, v; gate, up) made slices of one matrix: one call each.
         self.fused_groups = fuse_projections(model) if self.device.type == "cpu" else 0
+        # ... and the weights moved onto 2 MB pages, which they stream from with fewer TLB misses.
+        self.huge_page_bytes = move_to_huge_pages(model) if self.device.type == "cpu" else 0
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
