@@ -23,9 +23,9 @@ For the one-row matmuls of decoding its kernels stream weights faster than eager
 BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
 compiling), a longer compile, and weights that must not change afterwards. Faster still, on CPUs with
 AVX512-BF16, bfloat16 Linear layers are first rearranged in place for modelcode's own decoding kernel
-(`kernels/`), which streams them at the speed of memory; those need no second copy. Layers that read the
-same input (q, k and v; gate and up) are then fused into one matmul each (`kernels/fuse.py`), and the
-weights moved onto huge pages (`kernels/pages.py`).
+(`kernels/`), which streams them at the speed of memory, for one row or many; those need no second copy.
+Layers that read the same input (q, k and v; gate and up) are then fused into one matmul each
+(`kernels/fuse.py`), and the weights moved onto huge pages (`kernels/pages.py`).
 """
 
 import dataclasses

@@ -40,10 +40,10 @@ class Fusion:
             m.fusion = self
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Past the rows their kernel takes (prompts, large batches) the layers run one by one: a dense matmul
-        # first reorders or dequantizes its weight, and one layer's (llama-1b w1: 23 MB) fits the last-level
-        # cache where a fused pair's does not (llama-1b bf16, 128-token prompt, interleaved: 117-137 tok/s
-        # one by one, 103-107 fused).
+        # Past the rows their kernel takes (int8 and int4: 16; bf16's takes any number) the layers run one by
+        # one: a dense matmul first dequantizes its weight, and one layer's (llama-1b w1: 23 MB in bf16) fits the
+        # last-level cache where a fused pair's does not (measured when bf16 prompts ran densely, llama-1b,
+        # 128-token prompt, interleaved: 117-137 tok/s one by one, 103-107 fused).
         if x.numel() // x.shape[-1] > self.fused.kernel_max_rows:
             return tuple(m(x) for m in self.members)
         return self.fused(x).split(self.sizes, dim=-1)

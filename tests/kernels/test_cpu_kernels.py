@@ -27,13 +27,26 @@ def test_packed_bf16_linear_matches_the_matmul(shape):
     torch.manual_seed(0)
     linear = nn.Linear(shape[1], shape[0], bias=True).bfloat16()
     packed = PackedBF16Linear(linear)
-    for rows in (1, 3, 16, 17):  # decoding rows run in the kernel, more (prefill) in a dense matmul
+    for rows in (1, 3, 16, 70):  # every row count runs in the kernel, 4 rows at a time
         x = torch.randn(2, rows, shape[1]).bfloat16()
         ref = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         y = packed(x)
         assert y.shape == (2, rows, shape[0]) and y.dtype == torch.bfloat16
         # products exact, sums in float32: bfloat16's rounding of y (and, for the bias, of y + b) is left
         torch.testing.assert_close(y.float(), ref, atol=8e-3 * ref.abs().max().item(), rtol=0)
+
+
+@KERNELS
+def test_bf16_kernel_gives_each_row_the_same_output_whatever_else_is_in_the_batch():
+    torch.manual_seed(0)
+    k = 4096 + 512  # inputs past one run of the kernel's (2048), so sums carry over between runs
+    w = pack_bf16(torch.randn(128, k).bfloat16())
+    x = torch.randn(13, k).bfloat16()
+    together = torch.ops.modelcode.bf16_mm(x, w)
+    for m in range(13):  # alone, and in groups of every size the kernel takes (1-4 rows) and more
+        assert torch.equal(torch.ops.modelcode.bf16_mm(x[m:m + 1], w), together[m:m + 1]), m
+    for rows in (2, 3, 4, 5, 9):
+        assert torch.equal(torch.ops.modelcode.bf16_mm(x[:rows], w), together[:rows]), rows
 
 
 @KERNELS
@@ -46,7 +59,7 @@ def test_packing_a_model_keeps_its_outputs_and_one_copy_of_its_weights():
         assert pack_bf16_linears(lm.model) == 14  # every Linear but the head, which is tied to the embeddings
         assert type(lm.model.output) is nn.Linear and isinstance(lm.model.layers[0].attention.wq, PackedBF16Linear)
         assert sum(t.numel() for t in [*lm.model.parameters(), *lm.model.buffers()]) == n_before
-        for n in (1, tokens.shape[1]):  # one row per sequence in the kernel; the whole prompt densely
+        for n in (1, tokens.shape[1]):  # one row, and the whole prompt
             torch.testing.assert_close(lm.model(tokens[:, :n]).float(), before[:, :n], atol=0.05, rtol=0.05)
 
 

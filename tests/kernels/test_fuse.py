@@ -28,8 +28,8 @@ def prepared(mode: str):
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_fused_projections_keep_outputs_state_dict_and_one_copy_of_the_weights(mode):
     model, tokens = prepared(mode)
-    tokens = torch.cat([tokens, tokens], dim=1)  # 24 rows: past every kernel's, so the prompt runs densely
-    lengths = (1, 3, 12, tokens.shape[1])  # decoding rows in the kernels (bf16: up to 4, int8 and int4: 16)
+    tokens = torch.cat([tokens, tokens], dim=1)  # 24 rows: past the int8 and int4 kernels' (16), run densely
+    lengths = (1, 3, 12, tokens.shape[1])  # decoding rows in the kernels (bf16's takes any number)
     with torch.no_grad():
         before = {n: model(tokens[:, :n]) for n in lengths}
         state = {k: v.clone() for k, v in model.state_dict().items()}
