@@ -61,6 +61,7 @@ constexpr int64_t kQuantizedPrefetchBytes = 8192;
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
 // (256 KB), small enough to stay in a core's L2 while each group of 4 rows reads it.
 constexpr int64_t kRunPairs = 1024;
+constexpr int64_t kTileRows = 128;
 
 inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bfloat16 -> 16 float32
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -220,28 +221,33 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
   auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(M * 64);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      // The block's weights are read from memory once, a run of kRunPairs at a time, which every group of
-      // 4 rows then reads from cache.
-      const uint8_t* wb = wp + nb * 128 * K;
-      for (int64_t c0 = 0; c0 < K / 2; c0 += kRunPairs) {
-        const int64_t c1 = std::min(K / 2, c0 + kRunPairs);
-        for (int64_t m = 0; m < M; m += 4) {
-          const at::BFloat16* xm = xp + m * K;
-          float* sm = sums.data() + m * 64;
-          at::BFloat16* ym = c1 == K / 2 ? yp + m * N + nb * 64 : nullptr;
-          switch (std::min<int64_t>(4, M - m)) {
-            case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sm, ym, N); break;
-            case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sm, ym, N); break;
-            case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sm, ym, N); break;
-            default: dot_64_bf16<4>(xm, K, wb, c0, c1, sm, ym, N);
+  // Many rows (a long prompt) go kTileRows at a time, so that the rows' activations that each block of weights
+  // meets stay in cache too (llama-1b's layers at 2048 rows: 277 ms in tiles of 128, 310 in one).
+  for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, M - t0);
+    at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(rows * 64);
+      for (int64_t nb = begin; nb < end; ++nb) {
+        // The block's weights are read from memory once, a run of kRunPairs at a time, which every group of
+        // 4 rows then reads from cache.
+        const uint8_t* wb = wp + nb * 128 * K;
+        for (int64_t c0 = 0; c0 < K / 2; c0 += kRunPairs) {
+          const int64_t c1 = std::min(K / 2, c0 + kRunPairs);
+          for (int64_t m = t0; m < t0 + rows; m += 4) {
+            const at::BFloat16* xm = xp + m * K;
+            float* sm = sums.data() + (m - t0) * 64;
+            at::BFloat16* ym = c1 == K / 2 ? yp + m * N + nb * 64 : nullptr;
+            switch (std::min<int64_t>(4, t0 + rows - m)) {
+              case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sm, ym, N); break;
+              case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sm, ym, N); break;
+              case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sm, ym, N); break;
+              default: dot_64_bf16<4>(xm, K, wb, c0, c1, sm, ym, N);
+            }
           }
         }
       }
-    }
-  });
+    });
+  }
   return y;
 }
 

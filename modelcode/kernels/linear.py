@@ -16,8 +16,9 @@ class PackedBF16Linear(nn.Module):
     # The kernel takes any number of rows (decode steps, batches, prompts): it reuses each weight line for 4
     # rows at a time from registers and each block of weights for the next rows from L2. Measured on llama-1b's
     # layers (2-core Zen 5): faster than the dense matmul (oneDNN, on the weight in order) up to 64 rows (16
-    # rows: 64 vs 98 ms), within 5% at 128-512, ~20% slower at 1024; and the dense matmul would first have to put
-    # the weight back in order, a copy of it per call (1.5-2.2 s for llama-1b's).
+    # rows: 64 vs 98 ms), within 5% at 128-512, ~15% slower at 2048; but the dense matmul would first have to
+    # put the weight back in order, a copy of it per call (1.5-2.2 s for all of llama-1b's), after which it
+    # is no faster even at 2048 rows.
     kernel_max_rows = math.inf
 
     def __init__(self, linear: nn.Linear):
