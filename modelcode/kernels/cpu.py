@@ -1,6 +1,6 @@
 """modelcode's own decoding kernels for CPUs with AVX512-BF16 and VNNI (`cpu.cpp`, where they are explained):
-bfloat16, int8 and int4 weights times a few rows of bfloat16 activations, built on first use by PyTorch's C++
-extension tools; and the weight layouts they read.
+bfloat16 weights times any number of rows of bfloat16 activations, int8 and int4 weights times a few, built on
+first use by PyTorch's C++ extension tools; and the weight layouts they read.
 
 The build takes ~25 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
 C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
