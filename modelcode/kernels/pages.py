@@ -29,7 +29,8 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
     freed, from its heap), and pages once touched stay 4 KB."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: shmem, no THP
+    # Private: mmap's default, a shared mapping, is shmem, which THP's `enabled` setting does not cover.
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except OSError:

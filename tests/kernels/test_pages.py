@@ -11,7 +11,9 @@ from modelcode.kernels import kernels_available, pack_bf16_linears
 from modelcode.kernels.fuse import fuse_projections
 from modelcode.kernels.pages import HUGE_PAGE, huge_page_bytes, move_to_huge_pages
 
-LINUX_MADVISE = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="madvise(MADV_HUGEPAGE) is Linux's")
+LINUX_MADVISE = pytest.mark.skipif(
+    not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+    reason="madvise(MADV_HUGEPAGE) needs Linux with transparent huge pages built in")
 
 
 def vm_flags(address: int) -> list[str]:
