@@ -33,8 +33,8 @@ class Roofline:
         self.device = device
         n = int(gib * 2**30) // 4
         region = huge_page_bytes(4 * n) if device.type == "cpu" else None
-        self.x = torch.ones(n, dtype=torch.float32, device=device) if region is None else region.view(torch.float32)
-        self.x.fill_(1)
+        self.x = (torch.empty(n, dtype=torch.float32, device=device) if region is None
+                  else region.view(torch.float32)).fill_(1)
         self.x.sum()  # warm-up: page faults, thread pool
         self.readings: list[float] = []
 

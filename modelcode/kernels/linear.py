@@ -16,9 +16,9 @@ class PackedBF16Linear(nn.Module):
     # The kernel takes any number of rows (decode steps, batches, prompts): it reuses each weight line for 4
     # rows at a time from registers and each block of weights for the next rows from L2. Measured on llama-1b's
     # layers (2-core Zen 5): faster than the dense matmul (oneDNN, on the weight in order) up to 64 rows (16
-    # rows: 64 vs 98 ms), within 5% at 128-512, ~15% slower at 2048; but the dense matmul would first have to
-    # put the weight back in order, a copy of it per call (1.5-2.2 s for all of llama-1b's), after which it
-    # is no faster even at 2048 rows.
+    # rows: 64 vs 98 ms), within 5% at 128-512, ~15% slower at 2048 (276 vs 237 ms); but the dense matmul
+    # would first have to put the weight back in order, a copy of it per call (1.5-2.2 s for all of
+    # llama-1b's), and with that copy it is within 5% even at 2048 rows (265 ms). `Fusion` reads this limit.
     kernel_max_rows = math.inf
 
     def __init__(self, linear: nn.Linear):
@@ -28,9 +28,8 @@ class PackedBF16Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= self.kernel_max_rows and x.dtype == torch.bfloat16:
-            y = bf16_mm(rows, self.weight).view(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.bfloat16:
+            y = bf16_mm(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, unpack_bf16(self.weight).to(x.dtype), self.bias)
 

@@ -40,9 +40,12 @@ def test_packed_bf16_linear_matches_the_matmul(shape):
 def test_bf16_kernel_gives_each_row_the_same_output_whatever_else_is_in_the_batch():
     torch.manual_seed(0)
     k = 4096 + 512  # inputs past one run of the kernel's (2048), so sums carry over between runs
-    w = pack_bf16(torch.randn(128, k).bfloat16())
+    weight = torch.randn(128, k).bfloat16()
+    w = pack_bf16(weight)
     x = torch.randn(133, k).bfloat16()  # more rows than one tile of the kernel's (128)
     together = torch.ops.modelcode.bf16_mm(x, w)
+    ref = x.float() @ weight.float().T  # right, not only consistent: every run's sums carried into the next
+    torch.testing.assert_close(together.float(), ref, atol=8e-3 * ref.abs().max().item(), rtol=0)
     for m in [*range(13), 127, 128, 132]:  # alone, and in groups of every size the kernel takes (1-4 rows) and more
         assert torch.equal(torch.ops.modelcode.bf16_mm(x[m:m + 1], w), together[m:m + 1]), m
     for rows in (2, 3, 4, 5, 9):
