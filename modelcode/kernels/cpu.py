@@ -1,6 +1,7 @@
 """modelcode's own decoding kernels for CPUs with AVX512-BF16 and VNNI (`cpu.cpp`, where they are explained):
-bfloat16 weights times any number of rows of bfloat16 activations, int8 and int4 weights times a few, built on
-first use by PyTorch's C++ extension tools; and the weight layouts they read.
+bfloat16 weights times any number of rows of bfloat16 activations, int8 and int4 weights times a few, and
+attention for one query per sequence (`attention.cpp`), built on first use by PyTorch's C++ extension tools;
+and the weight layouts they read.
 
 The build takes ~25 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
 C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu.cpp", "attention.cpp")]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
 BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
@@ -38,7 +39,7 @@ def kernels_available() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load("modelcode_cpu_kernels", [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
+        load("modelcode_cpu_kernels", SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False)
     except Exception as e:  # no compiler, no headers, ...: the library kernel still works
         warnings.warn(f"modelcode's CPU kernels could not be built, PyTorch's are used instead: {e}", stacklevel=2)
@@ -60,7 +61,35 @@ def kernels_available() -> bool:
     def _(w, sz, group_size):
         return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 8)
 
+    @torch.library.register_fake("modelcode::decode_attention")
+    def _(q, k, v, mask):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     return True
+
+
+@torch.compiler.assume_constant_result
+def attention_kernel_available() -> bool:
+    """`kernels_available`, which torch.compile takes as a constant of the graph (it reads files)."""
+    return kernels_available()
+
+
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `decode_attention` takes these: on CPU, bfloat16 or float32, a head size of 16, 32, ..., 128 or
+    256, rows of the cache contiguous, a mask shared by the heads, nothing to differentiate."""
+    hd = q.shape[-1]
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype
+            and hd % 16 == 0 and (hd <= 128 or hd == 256) and k.stride(-1) == 1 and (mask is None or mask.dim() == 4 and mask.shape[1] == 1)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and attention_kernel_available())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(hd)) v for one query per sequence: q (B, H, 1, hd), k and v (B, KV, S, hd), mask
+    (boolean, broadcast to (B, 1, 1, S)) -> (B, H, 1, hd)."""
+    if mask is not None:
+        mask = mask.expand(k.shape[0], 1, 1, k.shape[2]).reshape(k.shape[0], k.shape[2])
+    return torch.ops.modelcode.decode_attention(q, k, v, mask)
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
