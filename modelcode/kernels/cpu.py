@@ -74,14 +74,15 @@ def attention_kernel_available() -> bool:
     return kernels_available()
 
 
-def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `decode_attention` takes these: on CPU, bfloat16 or float32, a head size of 16, 32, ..., 128 or
-    256, rows of the cache contiguous, a mask shared by the heads, nothing to differentiate."""
+    256, keys and values laid out alike with rows contiguous, a mask shared by the heads, nothing to
+    differentiate."""
     hd = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype
-            and hd % 16 == 0 and (hd <= 128 or hd == 256) and k.stride(-1) == 1
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
+            and hd % 16 == 0 and (hd <= 128 or hd == 256) and k.stride(-1) == 1 and k.stride() == v.stride()
             and (mask is None or mask.dim() == 4 and mask.shape[1] == 1)
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and attention_kernel_available())
 
 

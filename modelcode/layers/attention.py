@@ -47,7 +47,7 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     PyTorch's CPU flash-attention kernel spends ~1.4 us per key on a lone query (llama-1b's 32 heads over 2048
     cached positions: 3 ms a layer, where this takes 0.26 ms). modelcode's own kernel, where it runs, does the
     same in one pass over the cache, read as it is stored (see kernels/attention.cpp)."""
-    if decode_attention_fits(q, k, mask):
+    if decode_attention_fits(q, k, v, mask):
         return decode_attention(q, k, v, mask)
     batch, n_heads, _, hd = q.shape
     n_kv_heads = k.shape[1]

@@ -87,17 +87,18 @@ def test_a_query_that_sees_no_key_gets_nan_as_softmax_gives():
 def test_attend_uses_it_for_one_query_on_cpu_and_the_result_is_the_same():
     q, k, v = random_inputs(4, 8, 4, 50, 64, torch.bfloat16)
     mask = causal_mask(torch.tensor([[10], [20], [30], [49]]), torch.arange(50))
-    assert decode_attention_fits(q, k, mask)
+    assert decode_attention_fits(q, k, v, mask)
     assert torch.equal(attend(q, k, v, mask), decode_attention(q, k, v, mask))
 
 
 def test_what_it_does_not_take_goes_to_the_torch_ops():
     q, k, v = random_inputs(1, 4, 2, 10, 64, torch.float32)
-    assert not decode_attention_fits(q[..., :24], k[..., :24], None)  # head size not a multiple of 16
-    assert not decode_attention_fits(q.double(), k.double(), None)
-    assert not decode_attention_fits(q, k, torch.ones(1, 4, 1, 10, dtype=torch.bool))  # a mask per head
+    assert not decode_attention_fits(q[..., :24], k[..., :24], v[..., :24], None)  # head size not a multiple of 16
+    assert not decode_attention_fits(q.double(), k.double(), v.double(), None)
+    assert not decode_attention_fits(q, k, v, torch.ones(1, 4, 1, 10, dtype=torch.bool))  # a mask per head
+    assert not decode_attention_fits(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), None)  # v's layout
     q.requires_grad_(True)
-    assert not decode_attention_fits(q, k, None)  # the kernel has no backward
+    assert not decode_attention_fits(q, k, v, None)  # the kernel has no backward
     out = attend(q, k, v, None)
     out.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
