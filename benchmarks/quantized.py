@@ -8,8 +8,8 @@ runs decodes once with every variant, the bandwidth read just before each run (`
 
     python benchmarks/quantized.py [--model llama-1b] [--variants bf16 int8 int4 int4-head] [--repeats 5]
 
-Variants: bf16; int8 (bf16 head); int8-head (the head too, as gpt-fast); int4 (group 32, bf16 head);
-int4-head; int4-g128-head.
+Variants: bf16; int8 (bf16 head: `--no-head`); int8-head (the head too: int8's default, as gpt-fast and
+llama.cpp's q8_0); int4 (group 32, bf16 head: int4's default); int4-head; int4-g128-head.
 """
 
 import argparse

@@ -37,7 +37,7 @@ class Settings:
     steps_per_call: int | None = None  # with compile: decode steps per compiled call (None: by model size)
     quantize: str | None = None  # "int8" or "int4"
     group_size: int = 32
-    quantize_head: bool = False  # also quantize an untied output head
+    quantize_head: bool | None = None  # quantize an untied output head too (None: int8 yes, int4 no)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     prompt_len: int = 128
     new_tokens: int = 64
@@ -150,8 +150,8 @@ def bench(s: Settings, log=print) -> dict:
         torch.set_num_threads(s.threads)
     if s.quantize is not None and s.quantize not in ("int8", "int4"):
         raise ValueError(f"unknown --quantize {s.quantize!r}: use int8 or int4")
-    if s.quantize_head and s.quantize is None:
-        raise ValueError("--quantize-head needs --quantize int8 or int4")
+    if s.quantize_head is not None and s.quantize is None:
+        raise ValueError("--quantize-head and --no-quantize-head need --quantize int8 or int4")
     if s.draft is not None and s.prompt_lookup is not None:
         raise ValueError("give one speculative drafter: --draft MODEL or --prompt-lookup N, not both")
     if s.prompt_len < 1 or s.new_tokens < 2:
@@ -166,14 +166,18 @@ def bench(s: Settings, log=print) -> dict:
                          f"{config.max_seq_len} positions")
     dtype = next(model.parameters()).dtype  # of the activations and the KV cache
     n_params = sum(p.numel() for p in model.parameters())
+    head_quantized = None
     if s.quantize is not None:
         from modelcode.quantization import quantize
+        from modelcode.quantization.quantize import output_heads
 
+        heads = output_heads(model)
         quantize(model, s.quantize, s.group_size, head=s.quantize_head)
+        head_quantized = any(type(model.get_submodule(name)) is not torch.nn.Linear for name in heads)
     element_size = dtype.itemsize
     w_bytes = weight_bytes(model)
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
-                           quantize=s.quantize, quantize_head=s.quantize_head)
+                           quantize=s.quantize, quantize_head=head_quantized)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changed our layers: transformers then

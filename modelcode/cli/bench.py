@@ -8,7 +8,7 @@ from typing import Literal
 
 def main(*, model: str | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
          freeze: bool = True, autotune: bool = True, steps_per_call: int | None = None,
-         quantize: Literal["int8", "int4"] | None = None, group_size: int = 32, quantize_head: bool = False,
+         quantize: Literal["int8", "int4"] | None = None, group_size: int = 32, quantize_head: bool | None = None,
          batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
          new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
          draft: str | None = None, prompt_lookup: int | None = None, speculate_k: int = 4,
@@ -32,7 +32,8 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
             64 MiB of weights, else 1).
         quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
         group_size: int4 only: inputs per scale and zero.
-        quantize_head: with --quantize, the output head too (unless tied to the embeddings), as gpt-fast does.
+        quantize_head: with --quantize, the output head too, unless tied to the embeddings (default: int8 yes,
+            int4 no, as `modelcode quantize`).
         batch_sizes: the batch sizes to measure.
         prompt_len: tokens per prompt (random ids).
         new_tokens: tokens generated per prompt (no stop token ends them early).

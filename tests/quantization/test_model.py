@@ -68,7 +68,10 @@ def test_head_is_quantized_when_asked_unless_tied(tmp_path):
     assert isinstance(untied.output, Int8Linear)
     save_quantized(untied, tmp_path / "hf", tmp_path / "q")
     assert isinstance(modelcode.load(tmp_path / "q").model.output, Int8Linear)  # and it loads back so
-    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int8").output) is nn.Linear  # the default
+    # the defaults: int8 quantizes the head (no measurable loss), int4 keeps it
+    assert isinstance(quantize(modelcode.load(tmp_path / "hf").model, "int8", pack=False).output, Int8Linear)
+    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int4", 32).output) is nn.Linear
+    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int8", head=False).output) is nn.Linear
 
 
 @pytest.mark.parametrize("mode,group_size,bar", [("int8", None, 0.01), ("int4", 32, 0.05)])
