@@ -1,5 +1,6 @@
 """Kernels modelcode brings where PyTorch's own are slower: matmuls for decoding (bfloat16: for prompts and
-batches too) on CPUs with AVX512-BF16 and VNNI (`cpu.py`, `cpu.cpp`), `PackedBF16Linear`, the layer that runs
+batches too) and decoding's attention on CPUs with AVX512-BF16 and VNNI (`cpu.py`, `cpu.cpp`,
+`attention.cpp`), `PackedBF16Linear`, the layer that runs
 the bfloat16 one, `fuse.py`, which makes layers that read the same input one matmul, and `pages.py`, which
 moves weights onto huge pages."""
 
