@@ -112,6 +112,9 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
     advance = getattr(model, "decode_steps", None) or partial(decode_steps, model)
     positions = torch.tensor(lengths, device=logits.device)[:, None]  # (B, 1): where the next fed token goes
     last_position = max(n + b for n, b in zip(lengths, budgets)) - 1
+    if last_position >= model.config.max_seq_len:  # a compiled model's cache would be written out of bounds
+        raise ContextLengthError(f"prompt and new tokens reach position {last_position}, past the model's context "
+                                 f"of {model.config.max_seq_len} positions: cap the budgets with context_budget")
     first = sample(logits, params, generator)
     chunk = first[:, None]
     chunk_lp = token_logprobs(logits, first)[:, None] if logprobs else None

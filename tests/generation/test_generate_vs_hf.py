@@ -96,3 +96,14 @@ def test_generation_stops_at_context_limit(tinystories):
     lm, _ = tinystories
     tokens, _ = lm.generate([[1] * 505], max_new_tokens=50, stop_ids=frozenset())
     assert len(tokens[0]) == 7
+
+
+def test_decode_with_budgets_past_the_context_is_an_error_not_a_write_out_of_bounds(tinystories):
+    from modelcode.generation.generate import decode, prefill
+    from modelcode.generation.sampling import SamplingParams
+
+    model = tinystories[0].model
+    cache = model.new_cache(1)
+    logits, _ = prefill(model, cache, [[1] * 500])
+    with pytest.raises(ContextLengthError, match="reach position 519, past the model's context of 512"):
+        next(decode(model, cache, logits, [500], [20], SamplingParams()))
