@@ -81,7 +81,7 @@ def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     hd = q.shape[-1]
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
             and hd % 16 == 0 and (hd <= 128 or hd == 256) and k.stride(-1) == 1 and k.stride() == v.stride()
-            and (mask is None or mask.dim() == 4 and mask.shape[1] == 1)
+            and (mask is None or mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1)
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and attention_kernel_available())
 
