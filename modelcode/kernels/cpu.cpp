@@ -7,8 +7,9 @@
 // `vdpbf16ps` (16 outputs x a pair of inputs), with the next ones requested ahead, they stream as fast as
 // a plain sum over memory does (~27 GB/s on a 2-core Xeon, where the one-row F.linear reaches ~14 and
 // inductor's AMX micro-GEMM ~24). With more rows (a batch), each weight line loaded serves 4 rows at once, and
-// a block's weights, read from memory once, are read from L2 by every further group of 4 rows: on a 2-core
-// Zen 5, llama-1b's layers at 16 rows take 64 ms where the dense matmul (oneDNN) takes 98.
+// a block's weights, read from memory once, 32 KB at a time, are read from cache by every further group of 4
+// rows while the next 32 KB stream in: on a 2-core Zen 5, llama-1b's layers at 16 rows take ~58 ms where the
+// dense matmul (oneDNN) took 98.
 //
 // int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), read
 // row after row. Converting int8 codes to floating point costs two instructions per 16 of them, more than
@@ -56,12 +57,16 @@ namespace {
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
 // The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
 // and int4 kernels spend longer on each line, so they ask further ahead (measured on a 2-core Zen 5, streaming
-// from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%; bfloat16 no faster past 2 KB).
-constexpr int64_t kPrefetchBytes = 2048;
+// from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
-// (256 KB), small enough to stay in a core's L2 while each group of 4 rows reads it.
-constexpr int64_t kRunPairs = 1024;
+// (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
+// so that it streams in from memory while the later groups compute. Runs of 1024 pairs (256 KB) left the
+// memory idle during those groups: llama-1b's 88 matmuls on the 2-core Zen 5, 128-pair runs against 1024,
+// 6-8 interleaved rounds: 16 rows 1.19x faster, 64 rows 1.11x, 2048 rows (one layer) 1.06x, 1 and 4 rows
+// the same (1.05x, 0.99x).
+constexpr int64_t kRunPairs = 128;
+constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead (one row: no faster or slower than 2 KB)
 constexpr int64_t kTileRows = 128;
 
 inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bfloat16 -> 16 float32

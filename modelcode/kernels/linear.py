@@ -14,11 +14,12 @@ from modelcode.swap import embedding_weights, replace_module
 
 class PackedBF16Linear(nn.Module):
     # The kernel takes any number of rows (decode steps, batches, prompts): it reuses each weight line for 4
-    # rows at a time from registers and each block of weights for the next rows from L2. Measured on llama-1b's
-    # layers (2-core Zen 5): faster than the dense matmul (oneDNN, on the weight in order) up to 64 rows (16
-    # rows: 64 vs 98 ms), within 5% at 128-512, ~15% slower at 2048 (276 vs 237 ms); but the dense matmul
-    # would first have to put the weight back in order, a copy of it per call (1.5-2.2 s for all of
-    # llama-1b's), and with that copy it is within 5% even at 2048 rows (265 ms). `Fusion` reads this limit.
+    # rows at a time from registers and each block of weights for the next rows from cache. Measured on
+    # llama-1b's layers (2-core Zen 5, session 5, with the kernel's runs then of 256 KB): faster than the dense
+    # matmul (oneDNN, on the weight in order) up to 64 rows (16 rows: 64 vs 98 ms), within 5% at 128-512, ~15%
+    # slower at 2048 (276 vs 237 ms); runs of 32 KB (session 6) made it 1.06-1.19x faster at 16-2048 rows. The
+    # dense matmul would also first have to put the weight back in order, a copy of it per call (1.5-2.2 s
+    # for all of llama-1b's; with that copy, 265 ms at 2048 rows). `Fusion` reads this limit.
     kernel_max_rows = math.inf
 
     def __init__(self, linear: nn.Linear):
