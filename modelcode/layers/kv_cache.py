@@ -70,6 +70,7 @@ class StaticKVCache(KVCache):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_seq_len = max_seq_len
+        self.prompt_slots = max_seq_len  # slots a prompt's layers attend over: set by its first layer
 
     def update(self, layer, k, v, positions):
         _write(self.k[layer], k, positions)
@@ -77,7 +78,10 @@ class StaticKVCache(KVCache):
         if k.shape[2] > 1 and not torch.compiler.is_compiling():
             # A prompt, run eagerly: its queries see no slot past its last position, so attending over the
             # slots up to there is the same (llama-1b, 128 tokens into 2048 slots: 16x less attention work).
-            used = int(positions.max()) + 1
+            # Every layer sees the same positions: read the largest once per forward (on a GPU, a sync).
+            if layer == 0:
+                self.prompt_slots = int(positions.max()) + 1
+            used = self.prompt_slots
             return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
         return self.k[layer], self.v[layer]
 
