@@ -12,7 +12,7 @@
 //   p_hs = exp(scores_hs - max_s scores_hs) / sum_s exp(...)
 //   out_h = sum_s p_hs v_s
 //
-// The exponential is a polynomial (see exp_ps) whose own error is far below float32's rounding.
+// The exponential is a polynomial (see exp_ps) whose truncation error is below float32's rounding.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,20 +23,22 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
+// float32 and bfloat16 alike, for the templates below
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return load_bf16(p); }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as PyTorch's conversion
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
+inline void store16(at::BFloat16* p, __m512 v) { store_bf16(p, v); }
+
+// The lanes of the first min(n, 16) of 16 values (the last block of keys may hold fewer than 16).
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : (1u << n) - 1; }
 
 // e^x for x <= 0 (scores less their maximum): x = n ln 2 + r with |r| <= ln(2) / 2, e^r by its Taylor series to
-// r^7 / 7! (relative error < 2e-8 there), times 2^n by `vscalefps`, which gives 0 for x -> -inf.
+// r^7 / 7! (the rest of the series is below 6e-9 of it there), times 2^n by `vscalefps`, which gives 0 for
+// x -> -inf.
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is below float32's smallest
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
@@ -58,7 +60,7 @@ struct Scratch {
 };
 
 // v[j] (16 vectors) -> the vector of their 16 sums: halves of pairs, then of quadruples, ... added together
-// (45 instructions, where 16 separate sums take ~130).
+// (45 instructions, where 16 separate horizontal sums take 16 reductions of 4 shuffles and 4 adds each).
 inline __m512 sum16(__m512* v) {
   for (int j = 0; j < 16; j += 2) {  // per 128-bit lane: v_j, v_j+1, v_j, v_j+1 partial sums
     v[j / 2] = _mm512_add_ps(_mm512_unpacklo_ps(v[j], v[j + 1]), _mm512_unpackhi_ps(v[j], v[j + 1]));
@@ -81,7 +83,7 @@ void softmax(float* row, int64_t S) {
   const __m512 m = _mm512_set1_ps(largest);
   __m512 total = _mm512_setzero_ps();
   for (int64_t s = 0; s < S; s += 16) {
-    const __mmask16 lanes = S - s >= 16 ? 0xFFFF : (1u << (S - s)) - 1;  // the last S % 16 keys
+    const __mmask16 lanes = first_lanes(S - s);
     const __m512 e = _mm512_maskz_mov_ps(lanes, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + s), m)));
     _mm512_mask_storeu_ps(row + s, lanes, e);
     total = _mm512_add_ps(total, e);
@@ -102,7 +104,7 @@ void load_rows(const T* x, int64_t stride, int64_t s0, int64_t n, int64_t hd, fl
 
 // Which of the keys s0 .. s0+15 the mask lets the query see (bit j: key s0+j), none past S.
 inline __mmask16 visible(const bool* mask, int64_t s0, int64_t S) {
-  const __mmask16 in_range = S - s0 >= 16 ? 0xFFFF : (1u << (S - s0)) - 1;
+  const __mmask16 in_range = first_lanes(S - s0);
   if (!mask) return in_range;
   const __m128i bytes = _mm_maskz_loadu_epi8(in_range, mask + s0);
   return _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
@@ -121,7 +123,6 @@ void attend_group(const T* q, const T* k, const T* v, int64_t stride, const bool
   bool any = false;
   for (int64_t s0 = 0; s0 < S; s0 += 16) {  // scores
     const __mmask16 seen = visible(mask, s0, S);
-    const __mmask16 in_range = S - s0 >= 16 ? 0xFFFF : (1u << (S - s0)) - 1;
     any |= seen != 0;
     if (seen) load_rows(k, stride, s0, std::min<int64_t>(16, S - s0), hd, w.rows.data());
     for (int64_t h = 0; h < G; ++h) {
@@ -135,7 +136,7 @@ void attend_group(const T* q, const T* k, const T* v, int64_t stride, const bool
         }
         score = _mm512_mask_mov_ps(minus_inf, seen, sum16(dots));
       }
-      _mm512_mask_storeu_ps(&w.scores[h * S + s0], in_range, score);
+      _mm512_mask_storeu_ps(&w.scores[h * S + s0], first_lanes(S - s0), score);
     }
   }
   if (!any) {  // no key to see: NaN, as softmax over nothing but -inf gives

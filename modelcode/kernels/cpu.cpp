@@ -8,8 +8,8 @@
 // a plain sum over memory does (~27 GB/s on a 2-core Xeon, where the one-row F.linear reaches ~14 and
 // inductor's AMX micro-GEMM ~24). With more rows (a batch), each weight line loaded serves 4 rows at once, and
 // a block's weights, read from memory once, 32 KB at a time, are read from cache by every further group of 4
-// rows while the next 32 KB stream in: on a 2-core Zen 5, llama-1b's layers at 16 rows take ~58 ms where the
-// dense matmul (oneDNN) took 98.
+// rows while the next 32 KB stream in: on a 2-core Zen 5, llama-1b's layers at 16 rows took 60 ms (67 with
+// runs of 256 KB), where the dense matmul (oneDNN) had taken 98 in an earlier session.
 //
 // int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), read
 // row after row. Converting int8 codes to floating point costs two instructions per 16 of them, more than
@@ -52,6 +52,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
@@ -68,15 +70,6 @@ constexpr int64_t kQuantizedPrefetchBytes = 8192;
 constexpr int64_t kRunPairs = 128;
 constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead (one row: no faster or slower than 2 KB)
 constexpr int64_t kTileRows = 128;
-
-inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bfloat16 -> 16 float32
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-inline void store_bf16(at::BFloat16* y, __m512 v) {  // round to nearest even, as PyTorch's conversion
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 // bfloat16: R rows of x (R, K) times the 64 outputs whose weights start at w, over the input pairs c0..c1:
 // sums (R, 64) float32 carry the dot products from one run of pairs to the next (from zero at c0 = 0), and

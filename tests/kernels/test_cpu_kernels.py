@@ -39,7 +39,7 @@ def test_packed_bf16_linear_matches_the_matmul(shape):
 @KERNELS
 def test_bf16_kernel_gives_each_row_the_same_output_whatever_else_is_in_the_batch():
     torch.manual_seed(0)
-    k = 4096 + 512  # inputs past one run of the kernel's (2048), so sums carry over between runs
+    k = 4096 + 512  # 18 of the kernel's runs of 256 inputs, the last cut short: sums carry over between runs
     weight = torch.randn(128, k).bfloat16()
     w = pack_bf16(weight)
     x = torch.randn(133, k).bfloat16()  # more rows than one tile of the kernel's (128)
