@@ -6,10 +6,10 @@ than the effect. So here every variant is built, compiled and warmed up first, t
 runs decodes once with every variant, the bandwidth read just before each run (`modelcode.bench`'s
 `warm_up`, `timed_runs` and `Roofline`), and the speed-ups are medians of the rounds' own ratios.
 
-    python benchmarks/quantized.py [--model llama-1b] [--variants bf16 int8 int4 int4-head] [--repeats 5]
+    python benchmarks/quantized.py [--model llama-1b] [--variants bf16 int8 int4 int4-int4-head] [--repeats 5]
 
-Variants: bf16; int8 (bf16 head: `--no-head`); int8-head (the head too: int8's default, as gpt-fast and
-llama.cpp's q8_0); int4 (group 32, bf16 head: int4's default); int4-head; int4-g128-head.
+Variants, by how their layers and their output head are stored: bf16; int8 (head int8: the default);
+int8-bf16-head; int4 (group 32, head int8: the default); int4-bf16-head; int4-int4-head; int4-g128 (head int8).
 """
 
 import argparse
@@ -25,13 +25,14 @@ from modelcode.bench.subjects import random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.quantization import quantize
 
-VARIANTS = {  # name -> (mode, group size, quantize the head too)
+VARIANTS = {  # name -> (mode, group size, `quantize`'s head: None int8, True the layers' mode, False bf16)
     "bf16": None,
-    "int8": ("int8", None, False),
-    "int8-head": ("int8", None, True),
-    "int4": ("int4", 32, False),
-    "int4-head": ("int4", 32, True),
-    "int4-g128-head": ("int4", 128, True),
+    "int8": ("int8", None, None),
+    "int8-bf16-head": ("int8", None, False),
+    "int4": ("int4", 32, None),
+    "int4-bf16-head": ("int4", 32, False),
+    "int4-int4-head": ("int4", 32, True),
+    "int4-g128": ("int4", 128, None),
 }
 
 

@@ -37,7 +37,7 @@ class Settings:
     steps_per_call: int | None = None  # with compile: decode steps per compiled call (None: by model size)
     quantize: str | None = None  # "int8" or "int4"
     group_size: int = 32
-    quantize_head: bool | None = None  # quantize an untied output head too (None: int8 yes, int4 no)
+    quantize_head: bool | None = None  # an untied output head: None int8, True the layers' mode, False kept
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     prompt_len: int = 128
     new_tokens: int = 64
@@ -169,11 +169,10 @@ def bench(s: Settings, log=print) -> dict:
     head_quantized = None
     if s.quantize is not None:
         from modelcode.quantization import quantize
-        from modelcode.quantization.quantize import output_heads
+        from modelcode.quantization.quantize import head_mode
 
-        heads = output_heads(model)
         quantize(model, s.quantize, s.group_size, head=s.quantize_head)
-        head_quantized = any(type(model.get_submodule(name)) is not torch.nn.Linear for name in heads)
+        head_quantized = head_mode(model)  # what the head became: "int8", "int4", or None (kept, or tied)
     element_size = dtype.itemsize
     w_bytes = weight_bytes(model)
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),

@@ -32,8 +32,8 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
             64 MiB of weights, else 1).
         quantize: int8 or int4 weight-only quantization of our model (transformers runs the unquantized weights).
         group_size: int4 only: inputs per scale and zero.
-        quantize_head: with --quantize, the output head too, unless tied to the embeddings (default: int8 yes,
-            int4 no, as `modelcode quantize`).
+        quantize_head: with --quantize, an output head not tied to the embeddings: by default in int8 (both
+            modes, as `modelcode quantize`); --quantize-head: in the layers' mode; --no-quantize-head: kept.
         batch_sizes: the batch sizes to measure.
         prompt_len: tokens per prompt (random ids).
         new_tokens: tokens generated per prompt (no stop token ends them early).

@@ -100,6 +100,17 @@ def test_bench_compiled_and_quantized_runs_without_transformers():
     assert "transformers" not in result["results"][0] and ours["decode_tok_s"] > 0
     assert result["model"]["quantize"] == "int8"
     assert result["model"]["weight_bytes_per_step"] < 0.6 * 656_000 * 4  # int8 layers, float32 tied embedding
+    assert result["model"]["quantize_head"] is None  # tied to the embeddings: it stays
+
+
+@pytest.mark.parametrize("quantize_head,recorded", [(None, "int8"), (True, "int4"), (False, None)])
+def test_bench_records_how_the_output_head_was_quantized(tmp_path, quantize_head, recorded):
+    from hf_reference import tiny_hf_model
+
+    tiny_hf_model("untied-embeddings").save_pretrained(tmp_path)
+    result = bench(Settings(model=str(tmp_path), batch_sizes=(1,), prompt_len=4, new_tokens=2, repeats=1, warmup=1,
+                            hf=False, quantize="int4", quantize_head=quantize_head), log=lambda _: None)
+    assert result["model"]["quantize_head"] == recorded
 
 
 def test_bench_times_speculative_decoding_beside_plain_decoding():

@@ -21,8 +21,10 @@ from modelcode.quantization import (
     pack_layers,
     quantize,
     save_quantized,
+    scheme_of,
 )
 from modelcode.quantization.quality import perplexity, read_texts
+from modelcode.quantization.quantize import head_mode
 
 SOURCE = EMBEDDED["tinystories-656k"]
 SCHEMES = [("int8", None), ("int4", 32)]
@@ -68,10 +70,37 @@ def test_head_is_quantized_when_asked_unless_tied(tmp_path):
     assert isinstance(untied.output, Int8Linear)
     save_quantized(untied, tmp_path / "hf", tmp_path / "q")
     assert isinstance(modelcode.load(tmp_path / "q").model.output, Int8Linear)  # and it loads back so
-    # the defaults: int8 quantizes the head (no measurable loss), int4 keeps it
+    # the defaults: the head in int8, for int4 layers too; head=True: the layers' mode; head=False: kept
     assert isinstance(quantize(modelcode.load(tmp_path / "hf").model, "int8", pack=False).output, Int8Linear)
-    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int4", 32).output) is nn.Linear
+    assert isinstance(quantize(modelcode.load(tmp_path / "hf").model, "int4", 32).output, Int8Linear)
+    assert isinstance(quantize(modelcode.load(tmp_path / "hf").model, "int4", 32, head=True).output, PackedInt4Linear)
     assert type(quantize(modelcode.load(tmp_path / "hf").model, "int8", head=False).output) is nn.Linear
+    assert type(quantize(modelcode.load(tmp_path / "hf").model, "int4", 32, head=False).output) is nn.Linear
+
+
+def test_int4_layers_with_an_int8_head_round_trip(tmp_path):
+    tiny_hf_model("untied-embeddings").save_pretrained(tmp_path / "hf")
+    model = quantize(modelcode.load(tmp_path / "hf").model, "int4", 32, pack=False)
+    assert scheme_of(model) == Scheme("int4", 32, head="int8") and head_mode(model) == "int8"
+    save_quantized(model, tmp_path / "hf", tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", framework="pt") as f:
+        meta = json.loads(f.metadata()["modelcode.quantization"])
+        head, layer = f.get_tensor("output.weight"), f.get_tensor("layers.0.feed_forward.w1.weight")
+        assert "output.zeros" not in set(f.keys())
+    assert meta == {"mode": "int4", "group_size": 32, "head": "int8"}
+    assert head.dtype == torch.int8 and layer.dtype == torch.uint8
+    loaded = modelcode.load(tmp_path / "q").model
+    assert isinstance(loaded.output, Int8Linear) and isinstance(loaded.layers[0].feed_forward.w1, PackedInt4Linear)
+    tokens = torch.tensor([[1, 17, 42, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), pack_layers(model)(tokens))
+
+
+def test_head_of_its_own_mode_is_int8_under_int4_only():
+    with pytest.raises(ValueError, match="head='int8': the only head of its own mode is 'int8', under int4"):
+        Scheme("int8", head="int8")
+    with pytest.raises(ValueError, match="head='int4'"):
+        Scheme("int4", 32, head="int4")
 
 
 @pytest.mark.parametrize("mode,group_size,bar", [("int8", None, 0.01), ("int4", 32, 0.05)])
@@ -82,6 +111,21 @@ def test_perplexity_on_heldout_stories(stories, reference_perplexity, mode, grou
           f"({ppl / reference_perplexity - 1:+.2%})")
     assert ppl != reference_perplexity  # the layers really changed
     assert abs(ppl / reference_perplexity - 1) < bar
+
+
+def test_int8_head_costs_int4_nothing_measurable(stories, reference_perplexity):
+    """The embedded model's head is tied (it stays): an untied copy of it shows what the default does to a head."""
+    def untied_int4(head):
+        model = modelcode.load("tinystories-656k").model
+        model.output.weight = nn.Parameter(model.output.weight.detach().clone(), requires_grad=False)
+        return quantize(model, "int4", 32, head=head)
+
+    int8_head, float_head = untied_int4(None), untied_int4(False)
+    assert isinstance(int8_head.output, Int8Linear) and type(float_head.output) is nn.Linear
+    ppl, float_ppl = perplexity(int8_head, stories), perplexity(float_head, stories)
+    print(f"int4 g32, untied head: int8 {ppl:.3f}, float {float_ppl:.3f} (reference {reference_perplexity:.3f})")
+    assert ppl != float_ppl and abs(ppl / float_ppl - 1) < 0.002
+    assert abs(ppl / reference_perplexity - 1) < 0.05
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -103,7 +147,7 @@ def test_folder_records_the_scheme_and_copies_every_other_file(saved, mode, grou
         meta = json.loads(f.metadata()["modelcode.quantization"])
         weight = f.get_tensor("layers.0.attention.wq.weight")
         names = set(f.keys())
-    assert meta == {"mode": mode, "group_size": group_size}
+    assert meta == {"mode": mode, "group_size": group_size, "head": None}  # tied: the head stays
     assert weight.dtype == (torch.int8 if mode == "int8" else torch.uint8)
     assert "layers.0.attention.wq.scales" in names and "output.weight" not in names  # tied: stored once
     assert ("layers.1.feed_forward.w2.zeros" in names) == (mode == "int4")

@@ -81,7 +81,7 @@ def test_bad_input():
 def test_cli_writes_a_folder_that_loads_and_prints_the_report(tmp_path, capsys, lm):
     cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q")])
     out = capsys.readouterr().out
-    assert "int8, 14 Linear layers quantized" in out
+    assert "int8, 14 Linear layers quantized (output head: not quantized)" in out  # tied: it stays
     assert "quality on 8 held-out texts" in out and "perplexity" in out and "greedy" in out
     q = modelcode.load(tmp_path / "q")
     assert isinstance(q.model.layers[1].feed_forward.w2, Int8Linear)
