@@ -61,6 +61,12 @@ constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so th
 // and int4 kernels spend longer on each line, so they ask further ahead (measured on a 2-core Zen 5, streaming
 // from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
+// ... as non-temporal data: compiled llama-1b decoding, 6-8 interleaved rounds, NTA against T1: int8 1.09-1.13x
+// faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the kernels alone only 1.01x (slow memory).
+// So the gain is likely outside the kernels: weights kept out of the outer caches no longer evict what the rest
+// of the step runs on (the code between the kernels runs 4-6x slower in the model than on its own, BENCHMARKS.md).
+// bf16's one-row decoding is 0.97x with NTA, so it keeps T1 (its runs of rows also reread each run from cache).
+constexpr auto kQuantizedPrefetchHint = _MM_HINT_NTA;
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
 // (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
 // so that it streams in from memory while the later groups compute. Runs of 1024 pairs (256 KB) left the
@@ -113,8 +119,8 @@ float dot_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kQuantizedPrefetchBytes), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kQuantizedPrefetchBytes), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kQuantizedPrefetchBytes), kQuantizedPrefetchHint);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kQuantizedPrefetchBytes), kQuantizedPrefetchHint);
     for (int i = 0; i < 2; ++i) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * i), flip);  // 128 + q, unsigned
       const int8_t* d = digits + 3 * (k + 64 * i);
@@ -183,7 +189,7 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
       for (int h = 0; h < 4; ++h) xh[h] = (__m512bh)_mm512_set1_epi32(pairs[4 * c + h]);  // inputs 8c+2h, +1
       const uint8_t* wc = w + c * 64 * kBlocks;
       for (int line = 0; line < kBlocks; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
       }
       for (int b = 0; b < kBlocks; ++b) {
         __m512i v = _mm512_loadu_si512(wc + 64 * b);
