@@ -11,7 +11,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(result: dict) -> str:
     s, m = result["settings"], result["model"]
-    head = (f"{m['name']}  {m['dtype']}{' ' + m['quantize'] if m['quantize'] else ''}"
+    quantized = f" {m['quantize']} (head {m.get('quantize_head') or 'unquantized'})" if m["quantize"] else ""
+    head = (f"{m['name']}  {m['dtype']}{quantized}"
             f"{'  compiled' if s['compile'] else ''}  |  {m['parameters'] / 1e6:.1f}M parameters, "
             f"{m['weight_bytes_per_step'] / 1e9:.3f} GB of weights per step  |  prompt {s['prompt_len']}, "
             f"{s['new_tokens']} new tokens, median of {s['repeats']}  |  roofline "

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from modelcode.bench.report import table
 from modelcode.bench.run import Settings, bench
 from modelcode.bench.subjects import hf_twin, random_weights, to_hf_names, weight_bytes
 from modelcode.cli.__main__ import main as cli
@@ -111,6 +112,7 @@ def test_bench_records_how_the_output_head_was_quantized(tmp_path, quantize_head
     result = bench(Settings(model=str(tmp_path), batch_sizes=(1,), prompt_len=4, new_tokens=2, repeats=1, warmup=1,
                             hf=False, quantize="int4", quantize_head=quantize_head), log=lambda _: None)
     assert result["model"]["quantize_head"] == recorded
+    assert f"int4 (head {recorded or 'unquantized'})" in table(result)
 
 
 def test_bench_times_speculative_decoding_beside_plain_decoding():
