@@ -59,13 +59,10 @@ def stack(shape: tuple[int, int], n: int, kernel: str) -> Stack:
         if not pack_bf16_linears(model):
             raise SystemExit("modelcode's bf16 kernel does not run on this machine (it needs AVX512-BF16)")
     elif kernel != "bf16":
-        from modelcode.quantization import Int8Linear, quantize
+        from modelcode.quantization import quantize
 
-        quantize(model, kernel.removesuffix("-pytorch"), 32)
-        if kernel == "int8-pytorch":  # PyTorch's `_weight_int8pack_mm`, in the same run as ours
-            for m in model.modules():
-                if isinstance(m, Int8Linear):
-                    m.our_kernel = False
+        # int8-pytorch: the portable layers, unpacked, run PyTorch's `_weight_int8pack_mm`, in the same run as ours
+        quantize(model, kernel.removesuffix("-pytorch"), 32, pack=kernel != "int8-pytorch")
     return model
 
 

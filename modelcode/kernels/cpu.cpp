@@ -11,19 +11,20 @@
 // rows while the next 32 KB stream in: on a 2-core Zen 5, llama-1b's layers at 16 rows took 60 ms (67 with
 // runs of 256 KB), where the dense matmul (oneDNN) had taken 98 in an earlier session.
 //
-// int8: the weight stays as stored, (N, K) int8 rows with one scale per row (see quantization/linear.py), read
-// row after row. Converting int8 codes to floating point costs two instructions per 16 of them, more than
-// two cores can do at memory speed; so instead the activations become integers, once per call, and
-// `vpdpbusd` multiplies 64 codes by 64 activation bytes per instruction, summing in int32. A row x (bfloat16:
-// 8 significant bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^21, 2^22) and
-// rounded: exact for every input within 2^14 of the largest, the others rounded at 2^-22 of it, far below
-// bfloat16's rounding of the output. Such an integer is three signed bytes d_j (x 2^e = sum_j 2^(8j) d_j), and
-// the instruction wants its other operand unsigned: the codes, offset to 128 + q (their top bit flipped). So
+// int8: converting int8 codes to floating point costs two instructions per 16 of them, more than two cores can do
+// at memory speed; so instead the activations become integers, once per call, and `vpdpbusd` multiplies 64 codes by
+// 64 activation bytes per instruction, each 4 of them summed into an int32 lane. A row x (bfloat16: 8 significant
+// bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^21, 2^22) and rounded: exact for
+// every input within 2^14 of the largest, the others rounded at 2^-22 of it, far below bfloat16's rounding of the
+// output. Such an integer is three signed bytes d_j (x 2^e = sum_j 2^(8j) d_j), and the instruction wants its other
+// operand unsigned: the codes, offset to 128 + q (their top bit flipped). So
 //
 //   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k d_jk (128 + q_nk)  -  128 sum_k x_k 2^e)
 //
-// is computed exactly in integers (one xor and three `vpdpbusd` per 64 codes), then times the row's scale.
-// PyTorch's `_weight_int8pack_mm` converts each code to float, and streams 2/3 to 7/8 as fast.
+// is computed exactly (one xor and three `vpdpbusd` per 64 codes, the rest in float64), then times the row's scale.
+// The weight is laid out with 16 outputs in the lanes (below), so each lane sums one output and no vector is ever
+// reduced across its lanes. PyTorch's `_weight_int8pack_mm` converts each code to float, and streams 2/3 to 7/8 as
+// fast as the row-major kernel this one replaced, which took 1.5x longer at one row and 2.1x at 16 (session 7).
 //
 // int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
@@ -47,6 +48,8 @@
 //     h of every word, or-ed into 128.0 (see above), is 16 lanes of (input 8c+2h, 8c+2h+1) pairs: the pairs
 //     `vdpbf16ps` multiplies with a broadcast pair of activations, four of them per 64-byte load.
 //   scales and zeros (N/64, K/gs, 2, 64) bfloat16.
+// int8_mm: weights (N/64, K/4, 4, 16, 4) int8: for each run of 4 inputs and each block, 64 bytes: output i's codes
+//   of those 4 inputs in lane i, what `vpdpbusd` multiplies with 4 activation bytes broadcast to every lane.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -108,31 +111,45 @@ void dot_64_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int64_t c0,
   }
 }
 
-// int8: the activations of one row as three signed bytes per input (`digits`, see int8_digits) against the
-// weight row w (K,), scaled back by `unit`. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed ones and sums
-// each 4 into an int32 lane: the codes, offset to 128 + q by flipping their top bit, are the unsigned ones, so a
-// 64-byte line of weights takes one xor and 3 `vpdpbusd`, one per byte of the activations. Rows are read one
-// after the other, a single stream per thread.
-float dot_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_t* w, int64_t K) {
+// int8: one row's activations as three signed bytes per input (`digits`, see int8_digits) against the 64 outputs
+// whose weights start at w, with their scales s: y (64,). `vpdpbusd` multiplies the 64 bytes of a line of weights,
+// offset to 128 + q by flipping their top bit, by 4 bytes of one digit of the activations broadcast to every lane:
+// so a line takes one xor and 3 `vpdpbusd`, one per digit, each into its own int32 sums of 16 outputs.
+void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_t* w, int64_t K,
+                 const at::BFloat16* s, at::BFloat16* y) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[2][3];  // [line parity][byte 0, 1, 2 of the activations]: 6 sums in flight
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kQuantizedPrefetchBytes), kQuantizedPrefetchHint);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kQuantizedPrefetchBytes), kQuantizedPrefetchHint);
-    for (int i = 0; i < 2; ++i) {
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * i), flip);  // 128 + q, unsigned
-      const int8_t* d = digits + 3 * (k + 64 * i);
-      for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], v, _mm512_loadu_si512(d + 64 * j));
+  __m512i acc[kBlocks][3];  // [block][digit]: 12 sums in flight
+  for (int b = 0; b < kBlocks; ++b)
+    for (int j = 0; j < 3; ++j) acc[b][j] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < K / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
+    const int8_t* wc = w + c * 64 * kBlocks;
+    for (int line = 0; line < kBlocks; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
+    }
+    const int8_t* d = digits + 3 * (c / 16 * 64) + c % 16 * 4;  // see int8_digits for the layout
+    __m512i digit[3];
+    for (int j = 0; j < 3; ++j) digit[j] = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(d + 64 * j));
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wc + 64 * b), flip);  // 128 + q, unsigned
+      for (int j = 0; j < 3; ++j) acc[b][j] = _mm512_dpbusd_epi32(acc[b][j], v, digit[j]);
     }
   }
-  // sum_k x_k 2^e (128 + q_k) - 128 sum_k x_k 2^e, exactly, in int64
-  int64_t sum = -128 * digit_sum;
-  for (int j = 0; j < 3; ++j) {
-    sum += static_cast<int64_t>(_mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][j], acc[1][j]))) << (8 * j);
+  // sum_j 2^(8j) acc_j - 128 sum_k x_k 2^e, exactly in float64 (below 2^53), times 2^-e, then the scale
+  const __m512d offset = _mm512_set1_pd(-128.0 * static_cast<double>(digit_sum)), down = _mm512_set1_pd(unit);
+  for (int b = 0; b < kBlocks; ++b) {
+    __m256 half[2];
+    for (int h = 0; h < 2; ++h) {  // 8 outputs at a time
+      __m512d t = offset;
+      for (int j = 0; j < 3; ++j) {
+        const __m256i part = h ? _mm512_extracti64x4_epi64(acc[b][j], 1) : _mm512_castsi512_si256(acc[b][j]);
+        t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(part), _mm512_set1_pd(static_cast<double>(1 << (8 * j))), t);
+      }
+      half[h] = _mm512_cvtpd_ps(_mm512_mul_pd(t, down));
+    }
+    const __m512 v = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(half[0])),
+                                                         _mm256_castps_pd(half[1]), 1));
+    store_bf16(y + 16 * b, _mm512_mul_ps(v, load_bf16(s + 16 * b)));
   }
-  return static_cast<float>(static_cast<double>(sum) * unit);
 }
 
 // One row of activations x (K,) as integers: x_k 2^e rounded, 2^e the power of two that puts max |x_k| in
@@ -257,12 +274,13 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// x (M, K) bfloat16, w (N, K) int8, scales (N,) bfloat16 -> (M, N) bfloat16.
+// x (M, K) bfloat16, w (N/64, K/4, 4, 16, 4) int8, scales (N,) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_mm: x must be (M, K) bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == K && K % 128 == 0 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "int8_mm: w must be (N, K) int8 with K % 128 == 0");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 4 == K && K % 128 == 0 && w.size(2) == kBlocks && w.size(3) == 16 &&
+              w.size(4) == 4 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "int8_mm: w must be (N/64, K/4, 4, 16, 4) int8 with K % 128 == 0");
   TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
               "int8_mm: scales must be (N,) bfloat16");
   const torch::Tensor xc = x.contiguous();
@@ -273,15 +291,13 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
     units[m] = int8_digits(xc.data_ptr<at::BFloat16>() + m * K, &digits[m * 3 * K], K, &sums[m]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const int8_t* dp = digits.data();
   const auto* wp = w.data_ptr<int8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float scale = static_cast<float>(sp[n]);
-      for (int64_t m = 0; m < M; ++m) {
-        yp[m * N + n] = scale * dot_int8(dp + m * 3 * K, sums[m], units[m], wp + n * K, K);
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
+        dot_64_int8(&digits[m * 3 * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
       }
     }
   });

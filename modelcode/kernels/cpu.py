@@ -51,7 +51,7 @@ def kernels_available() -> bool:
 
     @torch.library.register_fake("modelcode::int8_mm")
     def _(x, w, scales):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
 
     @torch.library.register_fake("modelcode::int4_mm")
     def _(x, w, sz, group_size):  # the output's shape, for torch.compile
@@ -111,13 +111,25 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.modelcode.bf16_mm(x, w)
 
 
-def int8_fits(in_features: int) -> bool:
-    """Whether `int8_mm` takes a weight with this many inputs (it reads 128 at a time)."""
-    return in_features % 128 == 0
+def int8_fits(in_features: int, out_features: int) -> bool:
+    """Whether `int8_mm` takes a weight of this shape (it reads inputs 128 at a time, outputs 64)."""
+    return in_features % 128 == 0 and out_features % OUTPUTS_PER_BLOCK == 0
+
+
+def pack_int8(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) int8 weight -> `int8_mm`'s layout: (out/64, in/4, 4, 16, 4)."""
+    n, k = weight.shape
+    return weight.view(n // 64, 4, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int8`."""
+    blocks, runs = packed.shape[:2]
+    return packed.permute(0, 2, 3, 1, 4).reshape(blocks * 64, runs * 4)
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, K) bfloat16 activations x the (N, K) int8 weight, times (N,) bfloat16 row scales -> (M, N) bfloat16."""
+    """(M, K) bfloat16 activations x the packed int8 weight, times (N,) bfloat16 row scales -> (M, N) bfloat16."""
     return torch.ops.modelcode.int8_mm(x, w, scales)
 
 

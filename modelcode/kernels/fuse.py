@@ -10,7 +10,7 @@ of it (no second copy): the layers still work alone, with their names and state 
 per token).
 
 Fused only where the kernels' weight layouts stack along the output dimension: modelcode's CPU kernels for
-bfloat16 (`PackedBF16Linear`), int8 (`Int8Linear`) and int4 (`PackedInt4Linear` on its own kernel).
+bfloat16 (`PackedBF16Linear`), int8 (`PackedInt8Linear`) and int4 (`PackedInt4Linear` on its own kernel).
 """
 
 import copy
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modelcode.kernels.linear import PackedBF16Linear
-from modelcode.quantization.linear import Int8Linear, PackedInt4Linear
+from modelcode.quantization.linear import PackedInt4Linear, PackedInt8Linear
 
 # Children of one module that take the same input, by name (Meta's Llama names: attention, SwiGLU).
 SIBLINGS = (("wq", "wk", "wv"), ("w1", "w3"))
@@ -54,14 +54,13 @@ def fusable(layer: nn.Module) -> bool:
     of the same kind."""
     if isinstance(layer, PackedInt4Linear):
         return layer.kernel == "avx512-bf16"
-    return isinstance(layer, (PackedBF16Linear, Int8Linear)) and layer.weight.device.type == "cpu"
+    return isinstance(layer, (PackedBF16Linear, PackedInt8Linear)) and layer.weight.device.type == "cpu"
 
 
 def _same_kind(layers: list[nn.Module]) -> bool:
     first = layers[0]
     return all(type(m) is type(first) and m.in_features == first.in_features
                and getattr(m, "group_size", None) == getattr(first, "group_size", None)
-               and getattr(m, "our_kernel", None) == getattr(first, "our_kernel", None)
                and (m.bias is None) == (first.bias is None)
                and [t.dtype for t in m.state_dict().values()] == [t.dtype for t in first.state_dict().values()]
                for m in layers)

@@ -7,10 +7,10 @@ of PyTorch's int4 kernels and gpt-fast):  W[n, k] ~= (q[n, k] - 8) * scale[n, g]
 g = k // group_size; `zero` is the value that code 8 stands for.
 
 Each layer exists in a portable form, which is what a checkpoint stores and what works on any device:
-`Int8Linear` (int8 rows + scales) and `Int4Linear` (two 4-bit codes per byte + scales and zeros). PyTorch's
-int4 kernels want the weight rearranged into a layout that differs between CPU and CUDA and is internal to
-PyTorch, so `Int4Linear.pack()` returns a `PackedInt4Linear` for the device the weights are on; that
-layout is never written to disk.
+`Int8Linear` (int8 rows + scales) and `Int4Linear` (two 4-bit codes per byte + scales and zeros). The fast
+kernels want the weight rearranged, in a layout of their device (PyTorch's int4 layouts differ between CPU and
+CUDA and are internal to PyTorch), so `pack()` returns a `PackedInt8Linear` or `PackedInt4Linear` for the
+device the weights are on; those layouts are never written to disk.
 """
 
 import warnings
@@ -27,6 +27,8 @@ from modelcode.kernels.cpu import (
     int8_mm,
     kernels_available,
     pack_int4,
+    pack_int8,
+    unpack_int8,
 )
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA) accept
@@ -57,13 +59,10 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 rows and one scale per row.
 
-    On CPU, for a few rows of bfloat16 activations (decoding), the matmul reads the int8 weight directly:
-    in modelcode's kernel (kernels/cpu.py: `vpdpbusd` on CPUs with AVX512-BF16 and VNNI, in_features a
-    multiple of 128), else in PyTorch's `_weight_int8pack_mm`, which streams the wide layers at 2/3 to
-    7/8 of that speed. Both are matrix-vector kernels (PyTorch's, measured on a 2048x5632 layer: as
-    slow as converting the weight and multiplying at 16 rows, 10x slower than a dense matmul at 256), so
-    everything else takes `linear(x, W.to(x.dtype)) * scale`, which is also what runs on GPU
-    (torch.compile fuses the conversion into the matmul there).
+    This is the portable form (what a checkpoint stores, and what runs on GPU): for a few rows of bfloat16
+    activations on CPU its matmul is PyTorch's `_weight_int8pack_mm`, which reads the int8 weight directly;
+    everything else takes `linear(x, W.to(x.dtype)) * scale` (torch.compile fuses the conversion into the
+    matmul on GPU). Call `pack()` for modelcode's faster CPU kernel where it runs.
     """
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
@@ -71,7 +70,6 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.our_kernel = int8_fits(in_features) and kernels_available()
         dtype = dtype or torch.get_default_dtype()
         # Parameters (frozen) rather than buffers, so the strict loader checks and fills them like any weight.
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
@@ -88,12 +86,46 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.is_cpu and x.dtype == torch.bfloat16 and rows <= self.kernel_max_rows:
-            ours = self.our_kernel and self.scales.dtype == torch.bfloat16
-            mm = int8_mm if ours else torch.ops.aten._weight_int8pack_mm
-            y = mm(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight,
+                                                   self.scales).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+    def pack(self) -> nn.Module:
+        """A `PackedInt8Linear` where modelcode's int8 kernel runs (CPU with AVX512-BF16 and VNNI, bfloat16
+        scales, in_features a multiple of 128, out_features of 64), else this layer itself."""
+        fits = (self.weight.device.type == "cpu" and self.scales.dtype == torch.bfloat16
+                and int8_fits(self.in_features, self.out_features) and kernels_available())
+        return PackedInt8Linear(self) if fits else self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedInt8Linear(nn.Module):
+    """`Int8Linear` with its weight rearranged for modelcode's CPU kernel (kernels/cpu.py: `vpdpbusd` with 16
+    outputs in the lanes of each instruction), for up to `INT8_KERNEL_MAX_ROWS` rows of bfloat16 activations;
+    past that (prefill) the weight is put back in order for a dense matmul. On llama-1b's matmuls (session 7)
+    it took 14.7 ms at one row and 81.5 at 16, where modelcode's earlier kernel on the row-major weight took
+    22.1 and 171.6; PyTorch's `_weight_int8pack_mm` had streamed 2/3 to 7/8 as fast as that earlier one."""
+
+    kernel_max_rows = INT8_KERNEL_MAX_ROWS
+
+    def __init__(self, layer: Int8Linear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("weight", pack_int8(layer.weight.detach()))
+        self.register_buffer("scales", layer.scales.detach())
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.dtype == torch.bfloat16 and rows <= self.kernel_max_rows:
+            y = int8_mm(x.reshape(rows, self.in_features), self.weight, self.scales).view(*x.shape[:-1],
+                                                                                        self.out_features)
+        else:
+            y = F.linear(x, unpack_int8(self.weight).to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

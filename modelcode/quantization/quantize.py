@@ -16,15 +16,21 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from modelcode.quantization.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, PackedInt4Linear
+from modelcode.quantization.linear import (
+    INT4_GROUP_SIZES,
+    Int4Linear,
+    Int8Linear,
+    PackedInt4Linear,
+    PackedInt8Linear,
+)
 from modelcode.swap import embedding_weights, replace_module
 
 MODES = ("int8", "int4")
+QUANTIZED = (Int8Linear, PackedInt8Linear, Int4Linear, PackedInt4Linear)  # the layers `quantize` puts in
 METADATA_KEY = "modelcode.quantization"
 WEIGHTS = "model.safetensors"
 # Files that hold weights in a source folder: never copied next to the quantized weights.
@@ -70,7 +76,7 @@ def output_heads(model: nn.Module) -> set[str]:
     """The Linear layers, quantized or not, that produce the logits: those as wide as the vocabulary."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     return {name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear | Int8Linear | Int4Linear | PackedInt4Linear) and m.out_features == vocab}
+            if isinstance(m, (nn.Linear, *QUANTIZED)) and m.out_features == vocab}
 
 
 def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: bool = True,
@@ -101,16 +107,19 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
 
 
 def pack_layers(model: nn.Module) -> nn.Module:
-    """Swap each portable `Int4Linear` for the packed kernel module of its device, in place."""
+    """Swap each portable `Int8Linear` and `Int4Linear` for the packed kernel module of its device (where
+    there is one), in place."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, Int4Linear):
-            replace_module(model, name, m.pack())
+        if isinstance(m, Int8Linear | Int4Linear):
+            packed = m.pack()
+            if packed is not m:
+                replace_module(model, name, packed)
     return model
 
 
 def layer_scheme(layer: nn.Module) -> Scheme | None:
     """The scheme of one layer; None for a layer that is not quantized."""
-    if isinstance(layer, Int8Linear):
+    if isinstance(layer, Int8Linear | PackedInt8Linear):
         return Scheme("int8")
     return Scheme("int4", layer.group_size) if isinstance(layer, Int4Linear | PackedInt4Linear) else None
 
@@ -139,8 +148,8 @@ def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Pat
     """Write a model quantized with `quantize(..., pack=False)` as a checkpoint folder: the portable tensors
     and scheme in `out/model.safetensors`, every other file of the source folder copied as it is."""
     source, out = Path(source), Path(out)
-    if any(isinstance(m, PackedInt4Linear) for m in model.modules()):
-        raise ValueError("this model's int4 layers are packed for one device, a layout that must not be saved: "
+    if any(isinstance(m, PackedInt8Linear | PackedInt4Linear) for m in model.modules()):
+        raise ValueError("this model's layers are packed for one device, a layout that must not be saved: "
                          "quantize with pack=False, save, then pack")
     if out.resolve() == source.resolve():
         raise ValueError(f"the output folder is the source folder {source}: choose another, the source "
@@ -151,15 +160,9 @@ def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Pat
     scheme = scheme_of(model)
     out.mkdir(parents=True, exist_ok=True)
     copy_non_weight_files(source, out)
-    tensors = {name: own_memory(p.detach().contiguous().cpu()) for name, p in model.named_parameters()}  # tied: once
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(asdict(scheme))})
     return out
-
-
-def own_memory(t: torch.Tensor) -> torch.Tensor:
-    """`t`, copied if it is a slice of a larger tensor (layers fused for decoding are, see kernels/fuse.py):
-    safetensors refuses tensors that share memory."""
-    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 def copy_non_weight_files(source: Path, out: Path) -> None:

@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.kernels.cpu import kernels_available
+from modelcode.kernels.cpu import kernels_available, unpack_int8
 from modelcode.quantization import (
     Int4Linear,
     Int8Linear,
     PackedInt4Linear,
+    PackedInt8Linear,
     dequantize_int4,
     dequantize_int8,
     quantize_int4,
@@ -117,11 +118,21 @@ def assert_kernel_and_dense_paths_match(layer, weight: torch.Tensor, bias: torch
 def test_our_int8_cpu_kernel_matches_the_float_matmul():
     """modelcode's int8 kernel (in_features a multiple of 128): the activations as 22-bit integers, the
     products summed exactly in integers."""
-    q8 = Int8Linear.from_linear(linear(384, 72, bias=True, dtype=torch.bfloat16))
-    assert q8.our_kernel
-    assert_kernel_and_dense_paths_match(q8, dequantize_int8(q8.weight, q8.scales), q8.bias)
+    q8 = Int8Linear.from_linear(linear(384, 128, bias=True, dtype=torch.bfloat16))
+    packed = q8.pack()
+    assert isinstance(packed, PackedInt8Linear) and torch.equal(unpack_int8(packed.weight), q8.weight)
+    assert_kernel_and_dense_paths_match(packed, dequantize_int8(q8.weight, q8.scales), q8.bias)
     x = torch.randn(3, 384).bfloat16()
-    assert torch.equal(q8(x), torch.ops.modelcode.int8_mm(x, q8.weight, q8.scales) + q8.bias)
+    assert torch.equal(packed(x), torch.ops.modelcode.int8_mm(x, packed.weight, packed.scales) + q8.bias)
+    # each output's sum is exact: the same outputs, row by row or together, as PyTorch's kernel gives near them
+    assert torch.equal(packed(x[1:2]), packed(x)[1:2])
+    torch.testing.assert_close(packed(x), q8(x), atol=1e-2 * q8(x).abs().max().item(), rtol=0)
+
+
+def test_int8_layers_the_kernel_does_not_take_stay_portable():
+    q8 = Int8Linear.from_linear(linear(384, 72, dtype=torch.bfloat16))  # 72 outputs: not a multiple of 64
+    assert q8.pack() is q8
+    assert q8.to(torch.float32).pack() is q8  # float32 scales: the kernel is for bfloat16
 
 
 @OUR_KERNELS
@@ -133,15 +144,16 @@ def test_our_int8_kernel_keeps_small_activations_beside_a_huge_one():
     q8 = Int8Linear.from_linear(linear(256, 64, dtype=torch.bfloat16))
     q8.weight[:32, 7] = 0  # outputs 0..31 do not see the outlier: they are sums of the small inputs alone
     w = dequantize_int8(q8.weight, q8.scales).double()
+    packed = q8.pack()
     x = torch.randn(2, 256).bfloat16()
     x[0, 7] = 2.0**16
     x[1].zero_()  # and a row of zeros gives zeros
-    ref, y = x.double() @ w.T, int8_mm(x, q8.weight, q8.scales).double()
+    ref, y = x.double() @ w.T, int8_mm(x, packed.weight, packed.scales).double()
     for part in (slice(0, 32), slice(32, 64)):
         torch.testing.assert_close(y[0, part], ref[0, part], atol=8e-3 * ref[0, part].abs().max().item(), rtol=0)
     assert torch.equal(y[1], torch.zeros(64, dtype=torch.float64))
     x[0, 3] = float("nan")
-    assert int8_mm(x, q8.weight, q8.scales)[0].isnan().all()  # NaN in, NaN out
+    assert int8_mm(x, packed.weight, packed.scales)[0].isnan().all()  # NaN in, NaN out
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
