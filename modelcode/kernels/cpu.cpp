@@ -39,7 +39,8 @@
 // 136 = 128 + 8 subtracted per group. The products are exact and summed in float32, as a bfloat16 matmul on
 // the dequantized weight would be, up to the order of the additions.
 //
-// Layouts (written by `pack_bf16` and `pack_int4` in cpu.py), per 64 outputs (4 blocks of 16), front to back:
+// Layouts (written by `pack_bf16`, `pack_int8` and `pack_int4` in cpu.py), per 64 outputs (4 blocks of 16), front
+// to back:
 //   bf16_mm: weights (N/64, K/2, 4, 16, 2) bfloat16: for each pair of inputs and each block, 16 outputs'
 //     values of both inputs, the pairs `vdpbf16ps` multiplies with a broadcast pair of activations.
 // int4_mm:
@@ -64,8 +65,8 @@ constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so th
 // and int4 kernels spend longer on each line, so they ask further ahead (measured on a 2-core Zen 5, streaming
 // from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
-// ... as non-temporal data: compiled llama-1b decoding, 6-8 interleaved rounds, NTA against T1: int8 1.09-1.13x
-// faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the kernels alone only 1.01x (slow memory).
+// ... as non-temporal data: compiled llama-1b decoding, 6-8 interleaved rounds, NTA against T1: int8 (the row-major
+// kernel of then) 1.09-1.13x faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the kernels alone only 1.01x (slow memory).
 // So the gain is likely outside the kernels: weights kept out of the outer caches no longer evict what the rest
 // of the step runs on (the code between the kernels runs 4-6x slower in the model than on its own, BENCHMARKS.md).
 // bf16's one-row decoding is 0.97x with NTA, so it keeps T1 (its runs of rows also reread each run from cache).
