@@ -94,16 +94,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.ops.modelcode.decode_attention(q, k, v, mask)
 
 
+def pack_lanes(weight: torch.Tensor, inputs_per_lane: int) -> torch.Tensor:
+    """(out, in) weight -> (out/64, in/p, 4, 16, p): for each p inputs and each block of 16 outputs, output i's
+    values of those p inputs in lane i, what one `vdpbf16ps` (p = 2, bfloat16) or `vpdpbusd` (p = 4, int8 bytes)
+    multiplies with p activations broadcast to every lane."""
+    n, k = weight.shape
+    p = inputs_per_lane
+    return weight.view(n // 64, 4, 16, k // p, p).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def unpack_lanes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_lanes`."""
+    blocks, runs, _, _, p = packed.shape
+    return packed.permute(0, 2, 3, 1, 4).reshape(blocks * 64, runs * p)
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) bfloat16 weight -> `bf16_mm`'s layout: (out/64, in/2, 4, 16, 2)."""
-    n, k = weight.shape
-    return weight.view(n // 64, 4, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous()
-
-
-def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_bf16`."""
-    blocks, pairs = packed.shape[:2]
-    return packed.permute(0, 2, 3, 1, 4).reshape(blocks * 64, pairs * 2)
+    return pack_lanes(weight, 2)
 
 
 def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -118,14 +126,7 @@ def int8_fits(in_features: int, out_features: int) -> bool:
 
 def pack_int8(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) int8 weight -> `int8_mm`'s layout: (out/64, in/4, 4, 16, 4)."""
-    n, k = weight.shape
-    return weight.view(n // 64, 4, 16, k // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
-
-
-def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int8`."""
-    blocks, runs = packed.shape[:2]
-    return packed.permute(0, 2, 3, 1, 4).reshape(blocks * 64, runs * 4)
+    return pack_lanes(weight, 4)
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.kernels.cpu import OUTPUTS_PER_BLOCK, bf16_mm, kernels_available, pack_bf16, unpack_bf16
+from modelcode.kernels.cpu import OUTPUTS_PER_BLOCK, bf16_mm, kernels_available, pack_bf16, unpack_lanes
 from modelcode.swap import embedding_weights, replace_module
 
 
@@ -32,7 +32,7 @@ class PackedBF16Linear(nn.Module):
         if x.dtype == torch.bfloat16:
             y = bf16_mm(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, unpack_bf16(self.weight).to(x.dtype), self.bias)
+        return F.linear(x, unpack_lanes(self.weight).to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -7,7 +7,7 @@ from torch import nn
 
 import modelcode
 from modelcode.kernels import PackedBF16Linear, kernels_available, pack_bf16_linears
-from modelcode.kernels.cpu import pack_bf16, unpack_bf16
+from modelcode.kernels.cpu import pack_bf16, unpack_lanes
 
 KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
 
@@ -16,7 +16,7 @@ def test_bf16_layout_round_trips():
     w = torch.randn(192, 96).bfloat16()
     packed = pack_bf16(w)
     assert packed.shape == (3, 48, 4, 16, 2)
-    assert torch.equal(unpack_bf16(packed), w)
+    assert torch.equal(unpack_lanes(packed), w)
     # for each pair of inputs and block of 16 outputs: output i's values of inputs 2c and 2c + 1
     assert torch.equal(packed[2, 7, 1, 5], w[128 + 16 + 5, 14:16])
 
