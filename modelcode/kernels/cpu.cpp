@@ -231,6 +231,57 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
   for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, acc[b]);
 }
 
+// int4, 4 rows at once (a batch), against half of a 64-output block (its blocks 2 half and 2 half + 1): each line of
+// codes is unpacked once for all 4 rows, where `dot_64` unpacks it again for every row. Each row's sums are added in
+// the order `dot_64` adds them, so its outputs are the same bits. (llama-1b's matmuls, interleaved against one row
+// at a time: 4 rows 1.23x faster, 8 rows 1.28x, 16 rows 1.25x; 2 rows at once were slower, 0.86x.)
+constexpr int kRowsAtOnce = 4;
+void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const uint8_t* w, const at::BFloat16* sz,
+                 at::BFloat16* const* y, int64_t K, int64_t gs, int half) {
+  constexpr int R = kRowsAtOnce;
+  const __m512i low = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
+  float acc[R][32] = {};  // the rows' outputs so far, updated once per group (registers hold the group's sums)
+  for (int64_t g = 0; g < K / gs; ++g) {
+    __m512 lo_sum[R][2], hi_sum[R][2];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < 2; ++b) lo_sum[r][b] = hi_sum[r][b] = _mm512_setzero_ps();
+    for (int64_t c = g * gs / 8; c < (g + 1) * gs / 8; ++c) {  // runs of 8 inputs: 64 bytes per block
+      const uint8_t* wc = w + c * 64 * kBlocks + 128 * half;
+      for (int line = 0; line < 2; ++line) {
+        _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
+      }
+      for (int b = 0; b < 2; ++b) {
+        const __m512i v = _mm512_loadu_si512(wc + 64 * b);
+        const __m512bh p0 = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low), bf16_128);
+        const __m512bh p1 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), bf16_128);
+        const __m512bh p2 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), bf16_128);
+        const __m512bh p3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bf16_128);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* pairs = reinterpret_cast<const int32_t*>(x[r]) + 4 * c;  // inputs 8c+2h, +1
+          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[0]), p0);
+          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[1]), p1);
+          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[2]), p2);
+          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[3]), p3);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xsum[r][g]), xs136 = _mm512_set1_ps(136.0f * xsum[r][g]);
+      for (int b = 0; b < 2; ++b) {
+        const int block = 2 * half + b;
+        const __m512 centered = _mm512_sub_ps(_mm512_add_ps(lo_sum[r][b], hi_sum[r][b]), xs136);
+        __m512 a = _mm512_loadu_ps(acc[r] + 16 * b);
+        a = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 16 * block), centered, a);
+        a = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 64 + 16 * block), xs, a);
+        _mm512_storeu_ps(acc[r] + 16 * b, a);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < 2; ++b) store_bf16(y[r] + 32 * half + 16 * b, _mm512_loadu_ps(acc[r] + 16 * b));
+  }
+}
+
 }  // namespace
 
 // x (M, K) bfloat16, w (N/64, K/2, 4, 16, 2) bfloat16 -> (M, N) bfloat16.
@@ -329,11 +380,20 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   const auto* sp = sz.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64(xp + m * K, xsp + m * groups, wp + nb * 32 * K, sp + nb * 128 * groups,
-               yp + m * N + nb * 64, K, group_size);
+    for (int64_t nb = begin; nb < end; ++nb) {  // the block's weights are read from memory once, then from cache
+      const uint8_t* wb = wp + nb * 32 * K;
+      const at::BFloat16* sb = sp + nb * 128 * groups;
+      int64_t m = 0;
+      for (; m + kRowsAtOnce <= M; m += kRowsAtOnce) {
+        const at::BFloat16* xr[kRowsAtOnce];
+        const float* sr[kRowsAtOnce];
+        at::BFloat16* yr[kRowsAtOnce];
+        for (int r = 0; r < kRowsAtOnce; ++r) {
+          xr[r] = xp + (m + r) * K, sr[r] = xsp + (m + r) * groups, yr[r] = yp + (m + r) * N + nb * 64;
+        }
+        for (int half = 0; half < 2; ++half) dot_32_rows(xr, sr, wb, sb, yr, K, group_size, half);
       }
+      for (; m < M; ++m) dot_64(xp + m * K, xsp + m * groups, wb, sb, yp + m * N + nb * 64, K, group_size);
     }
   });
   return y;

@@ -195,6 +195,10 @@ def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
     assert isinstance(packed, PackedInt4Linear) and packed.kernel == "avx512-bf16"
     weight = dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float())
     assert_kernel_and_dense_paths_match(packed, weight, portable.bias)
+    # 4 rows at a time, then one by one (7 = 4 + 3): each row's outputs are the bits it gets alone
+    x = torch.randn(7, 512).bfloat16()
+    together = packed(x)
+    assert all(torch.equal(together[i:i + 1], packed(x[i:i + 1])) for i in range(7))
 
 
 def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():
