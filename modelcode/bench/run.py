@@ -166,17 +166,17 @@ def bench(s: Settings, log=print) -> dict:
                          f"{config.max_seq_len} positions")
     dtype = next(model.parameters()).dtype  # of the activations and the KV cache
     n_params = sum(p.numel() for p in model.parameters())
-    head_quantized = None
+    head = None
     if s.quantize is not None:
         from modelcode.quantization import quantize
         from modelcode.quantization.quantize import head_mode
 
         quantize(model, s.quantize, s.group_size, head=s.quantize_head)
-        head_quantized = head_mode(model)  # what the head became: "int8", "int4", or None (kept, or tied)
+        head = head_mode(model)  # what the head became: "int8", "int4", or None (kept, or tied)
     element_size = dtype.itemsize
     w_bytes = weight_bytes(model)
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
-                           quantize=s.quantize, quantize_head=head_quantized)
+                           quantize=s.quantize, quantize_head=head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changed our layers: transformers then

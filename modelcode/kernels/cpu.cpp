@@ -66,8 +66,8 @@ constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so th
 // from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
 // ... as non-temporal data: compiled llama-1b decoding, 6-8 interleaved rounds, NTA against T1: int8 (the row-major
-// kernel of then) 1.09-1.13x faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the kernels alone only 1.01x (slow memory).
-// So the gain is likely outside the kernels: weights kept out of the outer caches no longer evict what the rest
+// kernel of then) 1.09-1.13x faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the int4 kernel
+// alone only 1.01x (slow memory). So the gain is likely outside the kernels: weights kept out of the outer caches no longer evict what the rest
 // of the step runs on (the code between the kernels runs 4-6x slower in the model than on its own, BENCHMARKS.md).
 // bf16's one-row decoding is 0.97x with NTA, so it keeps T1 (its runs of rows also reread each run from cache).
 constexpr auto kQuantizedPrefetchHint = _MM_HINT_NTA;
@@ -192,10 +192,28 @@ double int8_digits(const at::BFloat16* x, int8_t* digits, int64_t K, int64_t* su
   return std::ldexp(1.0, -e);
 }
 
+// int4: a 64-byte line of codes as the 4 vectors of bfloat16 pairs `vdpbf16ps` takes: nibble h of every word,
+// or-ed into 128.0 (see the layout above).
+inline void int4_pairs(__m512i v, __m512bh p[4]) {
+  const __m512i low = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
+  p[0] = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low), bf16_128);
+  p[1] = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), bf16_128);
+  p[2] = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), bf16_128);
+  p[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bf16_128);
+}
+
+// int4: 16 outputs so far plus one group's: its sums of x_k (128 + q_k) over the even and odd pairs, its scales
+// and zeros, and the group's sum of activations.
+inline __m512 add_group(__m512 acc, __m512 lo_sum, __m512 hi_sum, const at::BFloat16* scales,
+                        const at::BFloat16* zeros, float xsum) {
+  const __m512 centered = _mm512_sub_ps(_mm512_add_ps(lo_sum, hi_sum), _mm512_set1_ps(136.0f * xsum));  // x (q - 8)
+  acc = _mm512_fmadd_ps(load_bf16(scales), centered, acc);
+  return _mm512_fmadd_ps(load_bf16(zeros), _mm512_set1_ps(xsum), acc);
+}
+
 // int4: one row x (K,) against the 64 outputs whose weights start at w and scales at sz: y (64,).
 void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y,
             int64_t K, int64_t gs) {
-  const __m512i low = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
   const int32_t* pairs = reinterpret_cast<const int32_t*>(x);  // bfloat16 inputs, two at a time
   __m512 acc[kBlocks];
   for (int b = 0; b < kBlocks; ++b) acc[b] = _mm512_setzero_ps();
@@ -210,22 +228,16 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
         _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
       }
       for (int b = 0; b < kBlocks; ++b) {
-        __m512i v = _mm512_loadu_si512(wc + 64 * b);
-        __m512i p0 = _mm512_or_si512(_mm512_and_si512(v, low), bf16_128);
-        __m512i p1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), bf16_128);
-        __m512i p2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), bf16_128);
-        __m512i p3 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bf16_128);
-        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[0], (__m512bh)p0);
-        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[1], (__m512bh)p1);
-        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[2], (__m512bh)p2);
-        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[3], (__m512bh)p3);
+        __m512bh p[4];
+        int4_pairs(_mm512_loadu_si512(wc + 64 * b), p);
+        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[0], p[0]);
+        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[1], p[1]);
+        lo_sum[b] = _mm512_dpbf16_ps(lo_sum[b], xh[2], p[2]);
+        hi_sum[b] = _mm512_dpbf16_ps(hi_sum[b], xh[3], p[3]);
       }
     }
-    const __m512 xs = _mm512_set1_ps(xsum[g]), xs136 = _mm512_set1_ps(136.0f * xsum[g]);
     for (int b = 0; b < kBlocks; ++b) {
-      __m512 centered = _mm512_sub_ps(_mm512_add_ps(lo_sum[b], hi_sum[b]), xs136);  // sum_k x_k (q_k - 8)
-      acc[b] = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 16 * b), centered, acc[b]);
-      acc[b] = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 64 + 16 * b), xs, acc[b]);
+      acc[b] = add_group(acc[b], lo_sum[b], hi_sum[b], sz + 128 * g + 16 * b, sz + 128 * g + 64 + 16 * b, xsum[g]);
     }
   }
   for (int b = 0; b < kBlocks; ++b) store_bf16(y + 16 * b, acc[b]);
@@ -239,7 +251,6 @@ constexpr int kRowsAtOnce = 4;
 void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const uint8_t* w, const at::BFloat16* sz,
                  at::BFloat16* const* y, int64_t K, int64_t gs, int half) {
   constexpr int R = kRowsAtOnce;
-  const __m512i low = _mm512_set1_epi16(0x0F), bf16_128 = _mm512_set1_epi16(0x4300);
   float acc[R][32] = {};  // the rows' outputs so far, updated once per group (registers hold the group's sums)
   for (int64_t g = 0; g < K / gs; ++g) {
     __m512 lo_sum[R][2], hi_sum[R][2];
@@ -251,28 +262,21 @@ void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const u
         _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
       }
       for (int b = 0; b < 2; ++b) {
-        const __m512i v = _mm512_loadu_si512(wc + 64 * b);
-        const __m512bh p0 = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low), bf16_128);
-        const __m512bh p1 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), bf16_128);
-        const __m512bh p2 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), bf16_128);
-        const __m512bh p3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bf16_128);
+        __m512bh p[4];
+        int4_pairs(_mm512_loadu_si512(wc + 64 * b), p);
         for (int r = 0; r < R; ++r) {
           const int32_t* pairs = reinterpret_cast<const int32_t*>(x[r]) + 4 * c;  // inputs 8c+2h, +1
-          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[0]), p0);
-          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[1]), p1);
-          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[2]), p2);
-          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[3]), p3);
+          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[0]), p[0]);
+          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[1]), p[1]);
+          lo_sum[r][b] = _mm512_dpbf16_ps(lo_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[2]), p[2]);
+          hi_sum[r][b] = _mm512_dpbf16_ps(hi_sum[r][b], (__m512bh)_mm512_set1_epi32(pairs[3]), p[3]);
         }
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 xs = _mm512_set1_ps(xsum[r][g]), xs136 = _mm512_set1_ps(136.0f * xsum[r][g]);
       for (int b = 0; b < 2; ++b) {
-        const int block = 2 * half + b;
-        const __m512 centered = _mm512_sub_ps(_mm512_add_ps(lo_sum[r][b], hi_sum[r][b]), xs136);
-        __m512 a = _mm512_loadu_ps(acc[r] + 16 * b);
-        a = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 16 * block), centered, a);
-        a = _mm512_fmadd_ps(load_bf16(sz + 128 * g + 64 + 16 * block), xs, a);
+        const at::BFloat16* s = sz + 128 * g + 16 * (2 * half + b);
+        const __m512 a = add_group(_mm512_loadu_ps(acc[r] + 16 * b), lo_sum[r][b], hi_sum[r][b], s, s + 64, xsum[r][g]);
         _mm512_storeu_ps(acc[r] + 16 * b, a);
       }
     }

@@ -92,8 +92,8 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
     int8 leaves to read per token and 18% of int4's (llama-1b int4, compiled, interleaved: 1.10x faster with
     the int8 head than with a bfloat16 one). A head tied to the embeddings is the embedding matrix itself, so a
     quantized copy would add memory rather than save it: it always stays.
-    group_size is for int4 (ignored for int8). pack=False keeps the portable `Int4Linear` form, which is
-    what `save_quantized` writes; pack=True makes the layers fast on their current device.
+    group_size is for int4 (ignored for int8). pack=False keeps the portable `Int8Linear` / `Int4Linear` form,
+    which is what `save_quantized` writes; pack=True makes the layers fast on their current device.
     """
     layers = Scheme(mode, group_size if mode == "int4" else None)
     scheme = replace(layers, head="int8") if head is None and mode == "int4" else layers
@@ -128,7 +128,7 @@ def scheme_of(model: nn.Module) -> Scheme:
     """The one scheme a model's quantized layers follow (an int8 head under int4 layers included)."""
     heads = output_heads(model)
     found = {layer_scheme(m) for name, m in model.named_modules() if name not in heads} - {None}
-    head = {layer_scheme(model.get_submodule(name)) for name in heads} - {None}
+    head = _head_schemes(model)
     if len(found) == 1 and head == {Scheme("int8")} and next(iter(found)).mode == "int4":
         return replace(found.pop(), head="int8")
     found |= head
@@ -138,10 +138,14 @@ def scheme_of(model: nn.Module) -> Scheme:
     return found.pop()
 
 
+def _head_schemes(model: nn.Module) -> set[Scheme]:
+    return {layer_scheme(model.get_submodule(name)) for name in output_heads(model)} - {None}
+
+
 def head_mode(model: nn.Module) -> str | None:
     """How the model's output head is stored: "int8", "int4", or None where it is not quantized."""
-    modes = {s.mode for s in map(layer_scheme, map(model.get_submodule, output_heads(model))) if s is not None}
-    return modes.pop() if modes else None
+    schemes = _head_schemes(model)
+    return schemes.pop().mode if schemes else None
 
 
 def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Path:

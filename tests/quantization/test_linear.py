@@ -132,7 +132,9 @@ def test_our_int8_cpu_kernel_matches_the_float_matmul():
 def test_int8_layers_the_kernel_does_not_take_stay_portable():
     q8 = Int8Linear.from_linear(linear(384, 72, dtype=torch.bfloat16))  # 72 outputs: not a multiple of 64
     assert q8.pack() is q8
-    assert q8.to(torch.float32).pack() is q8  # float32 scales: the kernel is for bfloat16
+    fits = Int8Linear.from_linear(linear(384, 128, dtype=torch.bfloat16))
+    assert isinstance(fits.pack(), PackedInt8Linear)
+    assert fits.to(torch.float32).pack() is fits  # float32 scales: the kernel is for bfloat16
 
 
 @OUR_KERNELS
