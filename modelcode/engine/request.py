@@ -65,3 +65,40 @@ class RequestOutput:
     cached_tokens: int = 0
     finished: bool = False
     finish_reason: str | None = None
+
+
+class Request:
+    """The engine's state of one request. `ids` holds the prompt then each new token; the keys and values
+    of the first `num_computed` are in the KV pool, in `blocks`. A request is preempted by dropping its
+    blocks and `num_computed`: it is recomputed from `ids` when readmitted, so nothing it produced is lost."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: int,
+                 stop_ids: frozenset[int], detokenizer, generator):
+        self.request_id, self.prompt_ids, self.params, self.arrival = request_id, prompt_ids, params, arrival
+        self.stop_ids, self.detokenizer, self.generator = stop_ids, detokenizer, generator
+        self.ids = list(prompt_ids)
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []  # chain hashes of the full blocks computed so far
+        self.status = Status.WAITING
+        self.output = RequestOutput(request_id, list(prompt_ids),
+                                    logprobs=[] if params.logprobs is not None else None,
+                                    top_logprobs=[] if params.logprobs is not None else None)
+        if params.prompt_logprobs is not None:
+            self.output.prompt_logprobs, self.output.prompt_top_logprobs = [None], [None]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Still scoring prompt tokens (echo): those positions' logits are needed, not only the last one."""
+        return self.params.prompt_logprobs is not None and len(self.output.prompt_logprobs) < len(self.prompt_ids)
+
+    def finish(self, reason: str) -> None:
+        self.status, self.output.finished, self.output.finish_reason = Status.FINISHED, True, reason
+
+    def snapshot(self) -> RequestOutput:
+        """A copy of the output so far, safe to hand to another thread."""
+        o = self.output
+        copy = lambda x: None if x is None else list(x)  # noqa: E731
+        return RequestOutput(o.request_id, o.prompt_ids, list(o.token_ids), o.text, copy(o.logprobs),
+                             copy(o.top_logprobs), copy(o.prompt_logprobs), copy(o.prompt_top_logprobs),
+                             o.cached_tokens, o.finished, o.finish_reason)

@@ -86,6 +86,42 @@ class StaticKVCache(KVCache):
         return self.k[layer], self.v[layer]
 
 
+class PagedKVCache(KVCache):
+    """Keys and values of many sequences in one shared pool of fixed-size blocks (Kwon et al. 2023, vLLM).
+
+    A sequence owns a list of blocks, its block table: position p lives in block `table[p // block_size]`
+    at offset `p % block_size`. Sequences come and go without moving anyone's keys, blocks holding the
+    same prefix can be shared, and memory is reserved a block at a time, not a whole context per sequence.
+
+    Before each forward pass the caller says, with `bind`, which blocks each row of the batch reads (block
+    tables, padded with any block: slots past a row's position are masked) and which slot each fed token is
+    written to (a padding token's slot is a scratch block nobody reads unmasked). `update` writes there and
+    returns each row's keys and values gathered through its table, slot j holding position j, as the
+    other caches do, so models attend to them unchanged.
+    """
+
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.block_tables = self.slots = None
+
+    def bind(self, block_tables: torch.Tensor, slots: torch.Tensor) -> None:
+        """block_tables (B, n_blocks): the blocks each row reads, in position order; slots (B, T): where
+        each fed token's key and value go, as block * block_size + offset."""
+        self.block_tables, self.slots = block_tables, slots
+
+    def update(self, layer, k, v, positions):
+        out = []
+        for pool, x in ((self.k[layer], k), (self.v[layer], v)):
+            pool.view(-1, *pool.shape[2:])[self.slots] = x.transpose(1, 2)  # (B, T, n_kv, hd) into their slots
+            rows = pool[self.block_tables]  # (B, n_blocks, block_size, n_kv, hd)
+            out.append(rows.flatten(1, 2).transpose(1, 2))  # (B, n_kv, S, hd), slot j holding position j
+        return out[0], out[1]
+
+
 def new_cache(config, batch_size: int, max_seq_len: int | None = None, static: bool = False,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
     """An empty cache for a decoder whose config has n_layers, n_kv_heads, head_dim and max_seq_len."""
