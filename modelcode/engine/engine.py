@@ -9,7 +9,9 @@ only waits on a queue, and PyTorch releases the GIL while it computes.
 """
 
 import asyncio
+import contextlib
 import itertools
+import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -322,10 +324,8 @@ class Engine:
             listener = self._listeners.get(request_id)
             if listener is not None:
                 loop, queue = listener
-                try:
+                with contextlib.suppress(RuntimeError):  # its event loop has closed
                     loop.call_soon_threadsafe(queue.put_nowait, item)
-                except RuntimeError:  # its event loop has closed
-                    pass
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
@@ -337,5 +337,4 @@ def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
 def _quarter_of_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4
-    import os
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4

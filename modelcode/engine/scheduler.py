@@ -2,9 +2,9 @@
 
 Every step decodes every running request (one token each), then spends what is left of a token budget
 on prompts: the rest of a prompt already started, then new requests, oldest first. A long prompt is
-prefilled a budget-sized chunk per step (chunked prefill, as vLLM), so it never stalls the others'
-decoding for more than one chunk. When the KV pool runs out, the latest request to arrive gives its
-blocks back (preemption) and waits, first in line, to be recomputed: never an error.
+prefilled a chunk per step (chunked prefill, as vLLM), so it never stalls the others' decoding for more
+than one chunk, nor a short prompt behind it. When the KV pool runs out, the latest request to arrive
+gives its blocks back (preemption) and waits, first in line, to be recomputed: never an error.
 """
 
 from collections import deque
@@ -54,7 +54,10 @@ class Scheduler:
             if request.status is not Status.RUNNING:
                 continue  # preempted a moment ago, to make room for an earlier request
             left = len(request.ids) - request.num_computed
-            length = 1 if left == 1 else min(left, budget)  # decoding always goes; prompts wait for budget
+            # Decoding always goes; a prompt takes what budget is left, and at most half of it while others
+            # wait, so that a short prompt arriving behind a long one is not held until that one is done.
+            share = budget // 2 if self.waiting else budget
+            length = 1 if left == 1 else min(left, share)
             if length <= 0 or not self._make_room(request, length):
                 continue
             chunks.append(Chunk(request, request.num_computed, length))
