@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from modelcode.bench.measure import read_bandwidth
-from modelcode.models import registry
+from modelcode.loading import registry
 
 
 class Stack(nn.Module):

@@ -37,7 +37,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     its task: a causal LM comes back as `modelcode.LM` (model, config, tokenizer, chat format, generate).
 
     dtype: default is the checkpoint's `torch_dtype`. preset: the exact name of a known shape for a
-    Meta folder whose params.json is not enough (see `modelcode.models.registry.PRESETS`).
+    Meta folder whose params.json is not enough (see `modelcode.loading.registry.PRESETS`).
     """
     folder = resolve_path(path)
     model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset)

@@ -11,6 +11,7 @@ from torch import nn
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
 from modelcode.generation.compile import CompiledModel
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
+from modelcode.kernels import Installed, install_cpu_kernels
 from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
 
 Message = dict[str, str]
@@ -46,6 +47,7 @@ class LM:
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     stop_ids: frozenset[int] = frozenset()  # end of a plain completion: tokenizer EOS + generation_config
     compiled: CompiledModel | None = None  # set by `compile()`
+    kernels: Installed = field(default_factory=Installed)  # what `compile()` installed
 
     @classmethod
     def from_folder(cls, model: nn.Module, config, folder: Path) -> "LM":
@@ -61,8 +63,9 @@ class LM:
         """From now on, generate with a static KV cache of `max_seq_len` positions (default: the context, at
         most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune` and
         `steps_per_call`). The first generation of each batch size (and sampling setting) compiles; prompt and
-        new tokens together end at `max_seq_len`. On CPUs with AVX512-BF16, the model's bfloat16 Linear layers
-        are rearranged in place for modelcode's decoding kernel (`modelcode/kernels/`). Returns self."""
+        new tokens together end at `max_seq_len`. On CPU, modelcode's kernels are installed on the model first
+        (`kernels.install_cpu_kernels`: its bfloat16 Linear layers rearranged in place, ...). Returns self."""
+        self.kernels = install_cpu_kernels(self.model)
         self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call)
         return self
 

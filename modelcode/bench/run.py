@@ -22,8 +22,8 @@ from modelcode.bench.measure import (
 from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
-from modelcode.loading import load_model, resolve_dtype
-from modelcode.models import registry
+from modelcode.kernels import Installed, install_cpu_kernels
+from modelcode.loading import load_model, registry, resolve_dtype
 
 
 @dataclass
@@ -178,10 +178,11 @@ def bench(s: Settings, log=print) -> dict:
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
                            quantize=s.quantize, quantize_head=head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
+    installed = install_cpu_kernels(model) if s.compile else Installed()  # what compiled decoding runs on
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
-    # Quantizing, or compiling on CPU (bfloat16 layers repacked in place), changed our layers: transformers then
-    # gets a fresh copy of the same weights.
-    changed = s.quantize is not None or getattr(runner, "packed_layers", 0) > 0
+    # Quantizing, or installing the CPU kernels (bfloat16 layers repacked in place), changed our layers:
+    # transformers then gets a fresh copy of the same weights.
+    changed = s.quantize is not None or installed.packed_layers > 0
     avg_slots = slots if s.compile else s.prompt_len + s.new_tokens / 2
 
     subjects = {"ours": (runner, run_ours)}

@@ -6,18 +6,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelcode.loading import build
 from modelcode.loading.weight_maps import llama as llama_maps
-from modelcode.models import registry
 from modelcode.models.llama import Llama, LlamaConfig
 
 
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """A model of a named shape (`registry.PRESETS`) with random weights, built on the meta device and
+    """A model of a named shape (`loading.registry.PRESETS`) with random weights, built on the meta device and
     materialised tensor by tensor in `dtype`, so an 8B shape never passes through float32."""
-    arch, config = registry.preset(preset)
-    with torch.device("meta"):
-        model = arch.model(config)
-    return random_weights(model, dtype, device, seed)
+    return random_weights(build(preset=preset).model, dtype, device, seed)
 
 
 def random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:

@@ -21,11 +21,9 @@ replayed, all its kernels with one launch (`mode="reduce-overhead"`). On CPU ind
 AVX-512, on weights prepacked for them) against the library kernels, shape by shape, and keep the faster.
 For the one-row matmuls of decoding its kernels stream weights faster than eager `F.linear` (see
 BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
-compiling), a longer compile, and weights that must not change afterwards. Faster still, on CPUs with
-AVX512-BF16, bfloat16 Linear layers are first rearranged in place for modelcode's own decoding kernel
-(`kernels/`), which streams them at the speed of memory, for one row or many; those need no second copy.
-Layers that read the same input (q, k and v; gate and up) are then fused into one matmul each
-(`kernels/fuse.py`), and the weights moved onto huge pages (`kernels/pages.py`).
+compiling), a longer compile, and weights that must not change afterwards. Faster still are modelcode's own
+CPU kernels, which `LM.compile` installs on the model first (`kernels.install_cpu_kernels`): the layers
+they take are no longer plain Linear layers, so inductor leaves them to those kernels, with no second copy.
 """
 
 import dataclasses
@@ -35,9 +33,6 @@ from torch import nn
 
 from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
-from modelcode.kernels import pack_bf16_linears
-from modelcode.kernels.fuse import fuse_projections
-from modelcode.kernels.pages import move_to_huge_pages
 from modelcode.layers import KVCache, StaticKVCache
 
 # Positions a compiled model keeps cache slots for, unless told otherwise (or the model's context if smaller).
@@ -88,8 +83,7 @@ class CompiledModel:
     the same one out again, so a compiled model serves one generation (or one chat) at a time.
 
     `steps_per_call`: decode steps per compiled call (default: 8 for models of at most 64 MiB of weights,
-    else 1). On CPU the model's own bfloat16 Linear layers become `PackedBF16Linear` (see above), and
-    `freeze` compiles the weights in as constants (fastest, twice the memory of the weights left to
+    else 1). `freeze` compiles the weights in as constants (fastest, twice the memory of the weights left to
     inductor's GEMMs, weights must not change afterwards); `autotune`, with `freeze`, lets inductor time its
     own matmul kernels (slower to compile). On GPU both are ignored: the steps run as a CUDA graph. One graph is
     compiled per batch size and sampling setting (temperature, top-k, top-p, logprobs or not).
@@ -108,12 +102,6 @@ class CompiledModel:
         self.config = dataclasses.replace(model.config, max_seq_len=self.max_seq_len)
         self.steps_per_call = steps_per_call or default_steps_per_call(model)
         self.device = next(model.parameters()).device
-        # On CPU: bfloat16 Linear layers swapped, in place, for the decoding kernel's (0 where it cannot run).
-        self.packed_layers = pack_bf16_linears(model) if self.device.type == "cpu" else 0
-        # ... and layers that read the same input (q, k, v; gate, up) made slices of one matrix: one call each.
-        self.fused_groups = fuse_projections(model) if self.device.type == "cpu" else 0
-        # ... and the weights moved onto 2 MB pages, which they stream from with fewer TLB misses.
-        self.huge_page_bytes = move_to_huge_pages(model) if self.device.type == "cpu" else 0
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.

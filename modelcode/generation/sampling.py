@@ -1,5 +1,5 @@
 """Choosing the next token: a pure function of the logits and the settings, shared by `generate`,
-speculative decoding and the server. No host syncs, so it can sit inside a compiled decode step."""
+speculative decoding and compiled decoding. No host syncs, so it can sit inside a compiled decode step."""
 
 from dataclasses import dataclass
 

@@ -5,11 +5,10 @@
 // bfloat16: decoding multiplies one row of activations by every weight once, so the weights must stream
 // from memory at full speed. Laid out so that each thread reads its weights front to back, 64 bytes per
 // `vdpbf16ps` (16 outputs x a pair of inputs), with the next ones requested ahead, they stream as fast as
-// a plain sum over memory does (~27 GB/s on a 2-core Xeon, where the one-row F.linear reaches ~14 and
-// inductor's AMX micro-GEMM ~24). With more rows (a batch), each weight line loaded serves 4 rows at once, and
-// a block's weights, read from memory once, 32 KB at a time, are read from cache by every further group of 4
-// rows while the next 32 KB stream in: on a 2-core Zen 5, llama-1b's layers at 16 rows took 60 ms (67 with
-// runs of 256 KB), where the dense matmul (oneDNN) had taken 98 in an earlier session.
+// a plain sum over memory does (llama-1b's shapes: 30-56 GB/s where the one-row F.linear reads 15-24; see
+// BENCHMARKS.md). With more rows (a batch), each weight line loaded serves 4 rows at once, and a block's weights,
+// read from memory once, 32 KB at a time, are read from cache by every further group of 4 rows while the next
+// 32 KB stream in, so a batch costs little more than one row.
 //
 // int8: converting int8 codes to floating point costs two instructions per 16 of them, more than two cores can do
 // at memory speed; so instead the activations become integers, once per call, and `vpdpbusd` multiplies 64 codes by
@@ -23,8 +22,8 @@
 //
 // is computed exactly (one xor and three `vpdpbusd` per 64 codes, the rest in float64), then times the row's scale.
 // The weight is laid out with 16 outputs in the lanes (below), so each lane sums one output and no vector is ever
-// reduced across its lanes. PyTorch's `_weight_int8pack_mm` converts each code to float, and streams 2/3 to 7/8 as
-// fast as the row-major kernel this one replaced, which took 1.5x longer at one row and 2.1x at 16 (session 7).
+// reduced across its lanes. PyTorch's `_weight_int8pack_mm` converts each code to float instead, and streams the
+// weights about half as fast (see BENCHMARKS.md).
 //
 // int4: the arithmetic must keep up with memory too. PyTorch's int4 CPU kernel converts every weight to
 // float and spends two multiply-adds on it, and reads its scales with a stride of a whole row of outputs;
@@ -62,23 +61,18 @@ namespace {
 
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
 // The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
-// and int4 kernels spend longer on each line, so they ask further ahead (measured on a 2-core Zen 5, streaming
-// from memory: int8 +20-30% on one thread, +3-5% on two; int4 +3-7%).
+// and int4 kernels spend longer on each line, so they ask further ahead (int8 on one thread: +20-30%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
-// ... as non-temporal data: compiled llama-1b decoding, 6-8 interleaved rounds, NTA against T1: int8 (the row-major
-// kernel of then) 1.09-1.13x faster at batch 1 (1.05x at 16), int4 1.06-1.08x (1.02x at 16), but the int4 kernel
-// alone only 1.01x (slow memory). So the gain is likely outside the kernels: weights kept out of the outer caches no longer evict what the rest
-// of the step runs on (the code between the kernels runs 4-6x slower in the model than on its own, BENCHMARKS.md).
-// bf16's one-row decoding is 0.97x with NTA, so it keeps T1 (its runs of rows also reread each run from cache).
+// ... as non-temporal data: weights read once per step, kept out of the outer caches, no longer evict what the
+// rest of the decoding step runs on (compiled llama-1b int8 and int4: ~1.05-1.1x faster per step). bfloat16
+// keeps T1: its runs of rows reread each run from cache.
 constexpr auto kQuantizedPrefetchHint = _MM_HINT_NTA;
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
 // (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
-// so that it streams in from memory while the later groups compute. Runs of 1024 pairs (256 KB) left the
-// memory idle during those groups: llama-1b's 88 matmuls on the 2-core Zen 5, 128-pair runs against 1024,
-// 6-8 interleaved rounds: 16 rows 1.19x faster, 64 rows 1.11x, 2048 rows (one layer) 1.06x, 1 and 4 rows
-// the same (1.05x, 0.99x).
+// so that it streams in from memory while the later groups compute. Much longer runs leave the memory idle
+// during those groups (256 KB runs: llama-1b's matmuls at 16 rows ~1.2x slower).
 constexpr int64_t kRunPairs = 128;
-constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead (one row: no faster or slower than 2 KB)
+constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead
 constexpr int64_t kTileRows = 128;
 
 // bfloat16: R rows of x (R, K) times the 64 outputs whose weights start at w, over the input pairs c0..c1:
@@ -245,8 +239,8 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
 
 // int4, 4 rows at once (a batch), against half of a 64-output block (its blocks 2 half and 2 half + 1): each line of
 // codes is unpacked once for all 4 rows, where `dot_64` unpacks it again for every row. Each row's sums are added in
-// the order `dot_64` adds them, so its outputs are the same bits. (llama-1b's matmuls, interleaved against one row
-// at a time: 4 rows 1.23x faster, 8 rows 1.28x, 16 rows 1.25x; 2 rows at once were slower, 0.86x.)
+// the order `dot_64` adds them, so its outputs are the same bits (llama-1b's matmuls at 4-16 rows: ~1.25x faster
+// than one row at a time).
 constexpr int kRowsAtOnce = 4;
 void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const uint8_t* w, const at::BFloat16* sz,
                  at::BFloat16* const* y, int64_t K, int64_t gs, int half) {
@@ -300,8 +294,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
   auto* yp = y.data_ptr<at::BFloat16>();
   // Many rows (a long prompt) go kTileRows at a time, so that the rows' activations that each block of weights
-  // meets stay in cache too (one llama-1b layer's matmuls at 2048 rows, interleaved: 277 ms in tiles of 128,
-  // 310 in one).
+  // meets stay in cache too (one llama-1b layer's matmuls at 2048 rows: ~1.1x faster than in one tile).
   for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, M - t0);
     at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {

@@ -1,16 +1,16 @@
-"""Fusing the Linear layers that read the same input (q, k and v; a SwiGLU's gate and up) into one matmul for
-decoding, from outside the model, as `CompiledModel` does on CPU.
+"""Layers that read the same input (q, k and v; a SwiGLU's gate and up) computed as one matmul for decoding,
+swapped in from outside the model by `install_cpu_kernels`.
 
 A decoding step is a chain of matrix-vector products, each of which pays a fixed cost (a kernel call, the
 threads started and joined, memory streams started afresh) besides reading its weights; for small
-projections such as k and v (llama-1b: 256 x 2048) that cost is a large part of the product. Here the
-sibling layers' weights are concatenated, once, into one matrix, and each layer's own tensors become slices
-of it (no second copy): the layers still work alone, with their names and state dict unchanged, while
-`layers.project(x, wq, wk, wv)` computes all three with one kernel call (llama-1b int4: ~155 -> ~90 calls
-per token).
+projections such as k and v (llama-1b: 256 x 2048) that cost is a large part of the product. A model names
+the layers that read the same input with `layers.SameInput`; where those layers are modelcode's packed CPU
+layers, their weights are concatenated, once, into one matrix, each layer's own tensors become slices of it
+(no second copy, names and state dict unchanged), and the `SameInput` is swapped for `FusedSameInput`, which
+computes them all with one kernel call (llama-1b int4: ~155 -> ~90 calls per token).
 
-Fused only where the kernels' weight layouts stack along the output dimension: modelcode's CPU kernels for
-bfloat16 (`PackedBF16Linear`), int8 (`PackedInt8Linear`) and int4 (`PackedInt4Linear` on its own kernel).
+Fused only where a layer says its tensors stack along the output dimension into one layer of its kind
+(`outputs_stack`: modelcode's bfloat16, int8 and int4 CPU layers).
 """
 
 import copy
@@ -18,43 +18,35 @@ import copy
 import torch
 from torch import nn
 
-from modelcode.kernels.linear import PackedBF16Linear
-from modelcode.quantization.linear import PackedInt4Linear, PackedInt8Linear
-
-# Children of one module that take the same input, by name (Meta's Llama names: attention, SwiGLU).
-SIBLINGS = (("wq", "wk", "wv"), ("w1", "w3"))
+from modelcode.layers import SameInput
+from modelcode.swap import replace_module
 
 
+class FusedSameInput(SameInput):
+    """A `SameInput` whose layers' weights are slices of `fused`'s: one call computes all their outputs.
 
-class Fusion:
-    """Sibling layers whose weights are slices of `fused`'s: calling it computes all their outputs at once.
-
-    A plain object, not a module, so that the model's module tree and state dict stay as they were.
+    `fused` is kept outside the module tree, so that the model's parameters, buffers and state dict stay
+    as they were (its tensors are the layers' own, stacked).
     """
 
-    def __init__(self, members: tuple[nn.Module, ...]):
-        self.members = members
-        self.sizes = [m.out_features for m in members]
-        self.fused = _concatenated(members)
-        for m in members:
-            m.fusion = self
+    def __init__(self, names: tuple[str, ...], fused: nn.Module, sizes: list[int]):
+        super().__init__(*names)
+        self.sizes = sizes
+        object.__setattr__(self, "fused", fused)  # not a child module: see above
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Past the rows their kernel takes (int8 and int4: 16; bf16's takes any number) the layers run one by
-        # one: a dense matmul first dequantizes its weight, and one layer's (llama-1b w1: 23 MB in bf16) fits the
-        # last-level cache where a fused pair's does not (measured when bf16 prompts ran densely, llama-1b,
-        # 128-token prompt, interleaved: 117-137 tok/s one by one, 103-107 fused).
+    def forward(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Past the rows the kernel takes (int8 and int4: 16; bf16: any number) the layers run one by one: a dense
+        # matmul first dequantizes its weight, and one layer's fits the last-level cache more often than the
+        # fused matrix does.
         if x.numel() // x.shape[-1] > self.fused.kernel_max_rows:
-            return tuple(m(x) for m in self.members)
+            return super().forward(owner, x)
         return self.fused(x).split(self.sizes, dim=-1)
 
 
 def fusable(layer: nn.Module) -> bool:
     """Whether the layer's tensors (weight, scales, bias) stack along their first dimension into one layer
     of the same kind."""
-    if isinstance(layer, PackedInt4Linear):
-        return layer.kernel == "avx512-bf16"
-    return isinstance(layer, (PackedBF16Linear, PackedInt8Linear)) and layer.weight.device.type == "cpu"
+    return getattr(layer, "outputs_stack", False) and all(t.device.type == "cpu" for t in layer.state_dict().values())
 
 
 def _same_kind(layers: list[nn.Module]) -> bool:
@@ -66,7 +58,7 @@ def _same_kind(layers: list[nn.Module]) -> bool:
                for m in layers)
 
 
-def _concatenated(members: tuple[nn.Module, ...]) -> nn.Module:
+def _concatenated(members: list[nn.Module]) -> nn.Module:
     """A layer of the members' kind whose tensors are theirs stacked; theirs become views of its."""
     fused = copy.copy(members[0])  # the same settings, with its own tensors (set below)
     fused._parameters, fused._buffers = dict(fused._parameters), dict(fused._buffers)
@@ -89,13 +81,16 @@ def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse each group of sibling layers (see SIBLINGS) that `fusable` takes, in place; returns how many groups."""
+    """Swap each `SameInput` whose layers `fusable` takes, all of one kind, for a `FusedSameInput`, in place;
+    returns how many."""
     groups = 0
-    for module in list(model.modules()):
-        for names in SIBLINGS:
-            layers = [getattr(module, n, None) for n in names]
-            if all(isinstance(m, nn.Module) and fusable(m) and getattr(m, "fusion", None) is None for m in layers) \
-                    and _same_kind(layers):
-                Fusion(tuple(layers))
-                groups += 1
+    for name, same in list(model.named_modules()):
+        if type(same) is not SameInput:
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0])
+        layers = [getattr(owner, n) for n in same.names]
+        if all(fusable(m) for m in layers) and _same_kind(layers):
+            replace_module(model, name, FusedSameInput(same.names, _concatenated(layers),
+                                                       [m.out_features for m in layers]))
+            groups += 1
     return groups

@@ -1,6 +1,6 @@
 """`PackedBF16Linear`: a bfloat16 Linear whose weight is laid out for modelcode's decoding kernel, swapped
-in from outside the model (as the quantized layers are) by `pack_bf16_linears`, which `CompiledModel` calls.
-The weight is rearranged, not copied: the model keeps one copy of it."""
+in from outside the model (as the quantized layers are) by `pack_bf16_linears`, part of
+`install_cpu_kernels`. The weight is rearranged, not copied: the model keeps one copy of it."""
 
 import math
 
@@ -14,13 +14,11 @@ from modelcode.swap import embedding_weights, replace_module
 
 class PackedBF16Linear(nn.Module):
     # The kernel takes any number of rows (decode steps, batches, prompts): it reuses each weight line for 4
-    # rows at a time from registers and each block of weights for the next rows from cache. Measured on
-    # llama-1b's layers (2-core Zen 5, session 5, with the kernel's runs then of 256 KB): faster than the dense
-    # matmul (oneDNN, on the weight in order) up to 64 rows (16 rows: 64 vs 98 ms), within 5% at 128-512, ~15%
-    # slower at 2048 (276 vs 237 ms); runs of 32 KB (session 6) made it 1.06-1.19x faster at 16-2048 rows. The
-    # dense matmul would also first have to put the weight back in order, a copy of it per call (1.5-2.2 s
-    # for all of llama-1b's; with that copy, 265 ms at 2048 rows). `Fusion` reads this limit.
+    # rows at a time from registers and each block of weights for the next rows from cache, so it keeps up
+    # with a dense matmul, which would first have to put the weight back in order, a copy of it per call
+    # (llama-1b's layers at 16 rows: ~60 ms, where oneDNN's dense matmul takes ~98).
     kernel_max_rows = math.inf
+    outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

@@ -2,7 +2,7 @@
 
 A decode step streams every weight from memory once. On the usual 4 KB pages that crosses a page, and
 takes a TLB miss, every 4 KB, and Linux gives a process 2 MB ("huge") pages only where it asks for them
-(`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` on most distributions). So `CompiledModel`
+(`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` on most distributions). So `install_cpu_kernels`
 moves the model's large tensors onto memory it asked huge pages for (`madvise(MADV_HUGEPAGE)`, before
 the first touch, which is when the kernel picks the pages): a copy, one tensor at a time, after which the
 old memory is freed. Tensors that share memory (a fused layer and its members' views, tied embeddings)
@@ -16,6 +16,8 @@ import mmap
 
 import torch
 from torch import nn
+
+from modelcode.kernels.fuse import FusedSameInput
 
 HUGE_PAGE = 2 * 2**20
 
@@ -41,10 +43,10 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The model's parameters and buffers, and those of layers kept outside its module tree (a Fusion's)."""
+    """The model's parameters and buffers, and those of layers kept outside its module tree (a fused group's)."""
     seen, out = set(), []
     modules = list(model.modules())
-    modules += [m.fusion.fused for m in modules if getattr(m, "fusion", None) is not None]
+    modules += [m.fused for m in modules if isinstance(m, FusedSameInput)]
     for module in modules:
         for t in [*module._parameters.values(), *module._buffers.values()]:
             if t is not None and id(t) not in seen:

@@ -3,12 +3,13 @@
 The projections live in each model file (their names follow each checkpoint); this module only
 decides which keys each query may see, then calls PyTorch's fused `scaled_dot_product_attention`
 (or, for decoding's lone query on CPU, where that kernel is slow, two plain matrix products).
+`ScaledDotProductAttention` is the same computation as a module, for decoders whose attention a
+kernel may take over from outside (`kernels/attention.py` swaps it).
 """
 
 import torch
 import torch.nn.functional as F
-
-from modelcode.kernels.cpu import decode_attention, decode_attention_fits
+from torch import nn
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
@@ -45,10 +46,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`attend` for one query per sequence (decoding) on CPU: two matrix products and a softmax, in float32.
     PyTorch's CPU flash-attention kernel spends ~1.4 us per key on a lone query (llama-1b's 32 heads over 2048
-    cached positions: 3 ms a layer, where this takes 0.26 ms). modelcode's own kernel, where it runs, does the
-    same in one pass over the cache, read as it is stored (see kernels/attention.cpp)."""
-    if decode_attention_fits(q, k, v, mask):
-        return decode_attention(q, k, v, mask)
+    cached positions: 3 ms a layer, where this takes 0.26 ms)."""
     batch, n_heads, _, hd = q.shape
     n_kv_heads = k.shape[1]
     group = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, hd).float() * hd**-0.5  # heads sharing k, v
@@ -56,3 +54,11 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts over the heads
     return (scores.softmax(-1) @ v.float()).view(batch, n_heads, 1, hd).to(q.dtype)
+
+
+class ScaledDotProductAttention(nn.Module):
+    """`attend` as a module: the attention core of a decoder layer, between its projections and its cache.
+    It holds no weights; it is a module so that a kernel can be swapped in for it from outside."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return attend(q, k, v, mask)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.layers.projection import project
+from modelcode.layers.projection import SameInput
 
 
 class SwiGLU(nn.Module):
@@ -16,7 +16,8 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.gate_up = SameInput("w1", "w3")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w1, self.w3)
+        gate, up = self.gate_up(self, x)
         return self.w2(F.silu(gate) * up)

@@ -1,18 +1,24 @@
-"""One input through several Linear layers."""
+"""Linear layers that read the same input."""
 
 import torch
 from torch import nn
 
 
-def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """(linear(x) for each of `linears`), e.g. a token's query, key and value.
+class SameInput(nn.Module):
+    """Declares which Linear layers of its owner read the same input, and runs them on it: an attention
+    block writes `self.qkv = SameInput("wq", "wk", "wv")` and `q, k, v = self.qkv(self, x)`.
 
-    Written as one call because layers that read the same input can share one matmul: where they have been
-    fused for decoding (`kernels.fuse_projections`: their weights are slices of one matrix), one kernel
-    call computes them all. Otherwise each layer runs on its own.
+    The layers stay the owner's own, under the checkpoint's names; this module holds only their names. It
+    is what a kernel that computes such layers as one matmul swaps out, from outside the model
+    (`kernels/fuse.py`).
     """
-    fusion = getattr(linears[0], "fusion", None)
-    if fusion is not None and len(fusion.members) == len(linears) and all(
-            a is b for a, b in zip(fusion.members, linears)):
-        return fusion(x)
-    return tuple(linear(x) for linear in linears)
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+
+    def forward(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(owner, name)(x) for name in self.names)
+
+    def extra_repr(self) -> str:
+        return ", ".join(self.names)

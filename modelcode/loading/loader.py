@@ -1,9 +1,8 @@
-"""Build a model from a checkpoint folder: read its config, build the module on the meta device (no
-memory, no random init), then stream each stored tensor through the architecture's weight map into
-place, converted to the dtype and device asked for. Strict: unknown, missing or mis-shaped tensors
-are errors that name the tensor, the file and what was expected."""
+"""Load a model from a checkpoint folder: build it on the meta device from its config (`build.py`), then
+stream each stored tensor through the architecture's weight map into place, converted to the dtype and
+device asked for. Strict: unknown, missing or mis-shaped tensors are errors that name the tensor, the
+file and what was expected."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,69 +11,31 @@ from tqdm import tqdm
 
 from modelcode import quantization
 from modelcode.errors import CheckpointError
+from modelcode.loading import registry
+from modelcode.loading.build import build
 from modelcode.loading.checkpoint import StoredTensor, read_tensors, weight_files
 from modelcode.loading.weight_maps import compile_map, lookup
 from modelcode.loading.weight_maps.llama import merge_meta_shards
-from modelcode.models import registry
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, default: str | None) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = dtype or default or "float32"
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def read_config(folder: Path, preset: str | None = None) -> tuple[registry.Architecture, object]:
-    """The architecture and config of a folder: `config.json` (Hugging Face) or `params.json` (Meta)."""
-    if preset is not None:
-        return registry.preset(preset)
-    if (folder / "config.json").exists():
-        hf = json.loads((folder / "config.json").read_text())
-        arch = registry.architecture(hf.get("model_type"))
-        return arch, arch.config_from_hf(hf)
-    if (folder / "params.json").exists():
-        return registry.META_LLAMA, registry.META_LLAMA.config_from_hf(json.loads((folder / "params.json").read_text()))
-    raise CheckpointError(f"no config.json (Hugging Face) or params.json (Meta) in {folder}; "
-                          f"pass a preset for a Meta folder: one of {', '.join(sorted(registry.PRESETS))}")
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                preset: str | None = None) -> tuple[nn.Module, object, registry.Architecture]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    arch, config = read_config(folder, preset)
-    stored = read_tensors(weight_files(folder))
-    if arch is registry.META_LLAMA:
-        stored = _merge_meta_shards(stored, config)
-    dtype = resolve_dtype(dtype, getattr(config, "torch_dtype", None))
-    quantized = quantization.read_quantized(folder)  # (scheme, layers) if `modelcode quantize` wrote the folder
-    with torch.device("meta"):
-        model = arch.model(config)
-        # A quantized folder stores the quantized layers' tensors under our own names: swap those layers first.
-        weight_map = quantization.prepare_to_load(model, *quantized) if quantized else arch.weight_map
-    state = _map_state(stored, weight_map, config, model)
-    _assign(model, state, dtype, torch.device(device))
-    if quantized:
-        quantization.pack_layers(model)  # int4: the kernel layout of this device
-    return model.eval(), config, arch
+    built = build(folder, preset, dtype)
+    stored = read_tensors(weight_files(Path(folder)))
+    if built.arch is registry.META_LLAMA:
+        stored = _merge_meta_shards(stored, built.config)
+    state = _map_state(stored, built.weight_map, built.config, built.model)
+    _assign(built.model, state, built.dtype, torch.device(device))
+    if built.quantized:
+        quantization.pack_layers(built.model)  # int4: the kernel layout of this device
+    return built.model, built.config, built.arch
 
 
 def _merge_meta_shards(stored: list[StoredTensor], config) -> list[StoredTensor]:
-    """Join Meta's model-parallel shards, and take the vocabulary size from the weights if params.json
-    leaves it out (Llama 2 writes -1)."""
+    """Join Meta's model-parallel shards."""
     by_name: dict[str, list[StoredTensor]] = {}
     for t in stored:
         by_name.setdefault(t.name, []).append(t)
-    if config.vocab_size is None:
-        config.vocab_size = by_name["tok_embeddings.weight"][0].shape[0]
     merged = []
     for name, parts in by_name.items():
         if len(parts) == 1:

@@ -1,1 +1,1 @@
-"""One file per architecture; `registry.py` maps Hugging Face `model_type` names to them."""
+"""One file per architecture (`loading/registry.py` maps Hugging Face `model_type` names to them)."""

@@ -22,8 +22,9 @@ from modelcode.layers import (
     KVCache,
     RopeScaling,
     RotaryEmbedding,
+    SameInput,
+    ScaledDotProductAttention,
     apply_rotary,
-    attend,
     causal_mask,
     new_cache,
 )
@@ -98,12 +99,15 @@ class Attention(nn.Module):
         self.key = nn.Linear(cfg.dim, cfg.dim, bias=cfg.attention_bias)
         self.value = nn.Linear(cfg.dim, cfg.dim, bias=cfg.attention_bias)
         self.dense = nn.Linear(cfg.dim, cfg.dim, bias=cfg.attention_bias)
+        self.qkv = SameInput("query", "key", "value")
+        self.attend = ScaledDotProductAttention()
 
     def forward(self, x, cos, sin, positions, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
-        k = self.key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(self, x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         # cos, sin cover only the first rotary_dim dims of a head; apply_rotary leaves the rest as they are.
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
@@ -111,7 +115,7 @@ class Attention(nn.Module):
         else:
             k, v = cache.update(self.layer, k, v, positions)  # (B, n_heads, S, hd)
             k_pos = torch.arange(k.shape[2], device=x.device)  # slot j holds position j
-        y = attend(q, k, v, causal_mask(positions, k_pos))
+        y = self.attend(q, k, v, causal_mask(positions, k_pos))
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 

@@ -20,12 +20,12 @@ from modelcode.layers import (
     RMSNorm,
     RopeScaling,
     RotaryEmbedding,
+    SameInput,
+    ScaledDotProductAttention,
     SwiGLU,
     apply_rotary,
-    attend,
     causal_mask,
     new_cache,
-    project,
 )
 
 
@@ -127,10 +127,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qkv = SameInput("wq", "wk", "wv")
+        self.attend = ScaledDotProductAttention()
 
     def forward(self, x, cos, sin, positions, cache: KVCache | None):
         B, T, _ = x.shape
-        q, k, v = project(x, self.wq, self.wk, self.wv)
+        q, k, v = self.qkv(self, x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         else:
             k, v = cache.update(self.layer, k, v, positions)  # (B, n_kv, S, hd)
             k_pos = torch.arange(k.shape[2], device=x.device)  # slot j holds position j
-        y = attend(q, k, v, causal_mask(positions, k_pos, self.sliding_window))
+        y = self.attend(q, k, v, causal_mask(positions, k_pos, self.sliding_window))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 

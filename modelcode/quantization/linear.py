@@ -104,13 +104,13 @@ class Int8Linear(nn.Module):
 
 
 class PackedInt8Linear(nn.Module):
-    """`Int8Linear` with its weight rearranged for modelcode's CPU kernel (kernels/cpu.py: `vpdpbusd` with 16
+    """`Int8Linear` with its weight rearranged for modelcode's CPU kernel (kernels/cpu.cpp: `vpdpbusd` with 16
     outputs in the lanes of each instruction), for up to `INT8_KERNEL_MAX_ROWS` rows of bfloat16 activations;
-    past that (prefill) the weight is put back in order for a dense matmul. On llama-1b's matmuls (session 7)
-    it took 14.7 ms at one row and 81.5 at 16, where modelcode's earlier kernel on the row-major weight took
-    22.1 and 171.6; PyTorch's `_weight_int8pack_mm` had streamed 2/3 to 7/8 as fast as that earlier one."""
+    past that (prefill) the weight is put back in order for a dense matmul. It streams the codes about twice as
+    fast as PyTorch's `_weight_int8pack_mm`, which converts each code to float (see BENCHMARKS.md)."""
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
+    outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
 
     def __init__(self, layer: Int8Linear):
         super().__init__()
@@ -248,9 +248,9 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
 class PackedInt4Linear(nn.Module):
     """`Int4Linear` with its weight rearranged for an int4 matmul kernel on one device.
 
-    CPU with AVX512-BF16, bfloat16: modelcode's kernel (kernels/cpu.py) for up to `INT4_KERNEL_MAX_ROWS`
+    CPU with AVX512-BF16, bfloat16: modelcode's kernel (kernels/cpu.cpp) for up to `INT4_KERNEL_MAX_ROWS`
     rows (decoding), ~1.4x faster than PyTorch's at one row; more rows (prefill) dequantize the weight (in
-    C++) and run a dense bfloat16 matmul (llama-1b int4 prefill 136-159 tok/s, 83 with PyTorch's kernel).
+    C++) and run a dense bfloat16 matmul, which PyTorch's packed layout does not allow.
 
     CPU: `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` (float32, bfloat16, float16).
     CUDA: `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (tinygemm; bfloat16, Ampere or newer).
@@ -263,6 +263,12 @@ class PackedInt4Linear(nn.Module):
     """
 
     kernel_max_rows = INT4_KERNEL_MAX_ROWS
+
+    @property
+    def outputs_stack(self) -> bool:
+        """Whether its tensors stack along the outputs into one layer of this kind (kernels/fuse.py): in
+        modelcode's layout, not in PyTorch's."""
+        return self.kernel == "avx512-bf16"
 
     def __init__(self, layer: Int4Linear, kernel: str):
         super().__init__()

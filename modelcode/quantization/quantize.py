@@ -86,12 +86,10 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
 
     Embeddings stay as they are (a lookup reads one row per token; quantizing them saves memory but no
     time). The output head's errors reach the logits undamped, so llama.cpp keeps its 4-bit formats' head at
-    6 bits or more. Here it is int8, whatever the mode. On an untied copy of TinyStories-656K's head, held-out
-    perplexity: int8 layers and head -0.07%; int4 g32 layers +4.79% with the int8 head, +4.80% with a float
-    one, +6.68% with an int4 one. A 32k-vocabulary head is 6% of a 1B model's weights, 12% of what
-    int8 leaves to read per token and 18% of int4's (llama-1b int4, compiled, interleaved: 1.10x faster with
-    the int8 head than with a bfloat16 one). A head tied to the embeddings is the embedding matrix itself, so a
-    quantized copy would add memory rather than save it: it always stays.
+    6 bits or more; here it is int8, whatever the mode: under int4 layers it costs no more perplexity than a
+    float head (an int4 head adds ~2 points of %; see BENCHMARKS.md), and it is a large part of what a step
+    reads (a 32k-vocabulary head: 18% of a 1B int4 model's bytes). A head tied to the embeddings is the
+    embedding matrix itself, so a quantized copy would add memory rather than save it: it always stays.
     group_size is for int4 (ignored for int8). pack=False keeps the portable `Int8Linear` / `Int4Linear` form,
     which is what `save_quantized` writes; pack=True makes the layers fast on their current device.
     """

@@ -58,25 +58,8 @@ def empty_model(path: str | Path | None = None, dtype: torch.dtype | str | None 
                 preset: str | None = None) -> nn.Module:
     """The model of a checkpoint folder (or an embedded model's name, or a preset's name alone) built on the
     meta device from its config: every shape and dtype, no weights read. dtype: default the checkpoint's own."""
-    from modelcode import quantization
     from modelcode.api import resolve_path
-    from modelcode.loading.checkpoint import read_tensors, weight_files
-    from modelcode.loading.loader import read_config, resolve_dtype
-    from modelcode.models import registry
+    from modelcode.loading import build
 
     folder = None if path is None and preset is not None else resolve_path(path)
-    if folder is None:
-        arch, config = registry.preset(preset)
-    elif not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    else:
-        arch, config = read_config(folder, preset)
-    if arch is registry.META_LLAMA and config.vocab_size is None:  # Llama 2's params.json says -1
-        config.vocab_size = next(t.shape[0] for t in read_tensors(weight_files(folder))
-                                 if t.name == "tok_embeddings.weight")
-    with torch.device("meta"):
-        model = arch.model(config).to(resolve_dtype(dtype, getattr(config, "torch_dtype", None)))
-        quantized = quantization.read_quantized(folder) if folder is not None else None
-        if quantized:  # a folder written by `modelcode quantize`: its layers are quantized
-            quantization.prepare_to_load(model, *quantized)
-    return model.eval()
+    return build(folder, preset, dtype).model

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modelcode.layers import KVCache
-from modelcode.models import registry
+from modelcode.loading import registry
 
 SEQ_LEN = 8  # tokens in the sample sequence
 SOURCE_LEN = 7  # the encoder-decoder's source is another length, so that its shapes tell the two apart
@@ -24,7 +24,7 @@ def task_of(model: nn.Module) -> str:
         if type(model) is arch.model:
             return arch.task
     raise ValueError(f"{type(model).__name__} is not in the architecture registry, so its sample input is unknown: "
-                     f"register it in modelcode/models/registry.py, or pass `task=` (one of {', '.join(TASKS)})")
+                     f"register it in modelcode/loading/registry.py, or pass `task=` (one of {', '.join(TASKS)})")
 
 
 def _tokens(n: int, vocab_size: int, device) -> torch.Tensor:

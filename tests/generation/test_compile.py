@@ -113,12 +113,13 @@ def assert_each_token_is_a_near_argmax(model, prompt: list[int], tokens: list[in
 
 
 def test_compiled_bfloat16_chooses_what_eager_would():
-    # On CPU compile() repacks bfloat16 Linear layers in place for modelcode's kernel, where it runs
+    # On CPU compile() installs modelcode's kernels: bfloat16 Linear layers repacked in place, where they run
     lm = modelcode.load("tinystories-656k", dtype="bfloat16").compile(max_seq_len=96, autotune=False)
     ids = lm.tokenizer.encode(PROMPTS[2], bos=True)
     got, _ = lm.generate([ids], max_new_tokens=30)
-    assert lm.compiled.packed_layers == (14 if kernels_available() else 0)
-    assert lm.compiled.fused_groups == (4 if kernels_available() else 0)  # q, k, v and gate, up of 2 layers
+    assert lm.kernels.packed_layers == (14 if kernels_available() else 0)
+    assert lm.kernels.fused_groups == (4 if kernels_available() else 0)  # q, k, v and gate, up of 2 layers
+    assert lm.kernels.attention_layers == (2 if kernels_available() else 0)
     assert_each_token_is_a_near_argmax(lm.model, ids, got[0])
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from modelcode.kernels import kernels_available
+from modelcode.kernels.attention import CPUDecodeAttention, swap_decode_attention
 from modelcode.kernels.cpu import decode_attention, decode_attention_fits
-from modelcode.layers.attention import attend, causal_mask
+from modelcode.layers.attention import ScaledDotProductAttention, attend, causal_mask
 
 KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
 
@@ -85,12 +86,18 @@ def test_a_query_that_sees_no_key_gets_nan_as_softmax_gives():
 
 
 @KERNELS
-def test_attend_uses_it_for_one_query_on_cpu_and_the_result_is_the_same():
+def test_the_swapped_attention_core_uses_it_for_one_query_only():
     # float32: the torch ops round differently in most outputs, so equality says which path ran
+    model = torch.nn.ModuleDict({"attend": ScaledDotProductAttention()})
+    assert swap_decode_attention(model) == 1 and isinstance(model["attend"], CPUDecodeAttention)
     q, k, v = random_inputs(4, 8, 4, 50, 64, torch.float32)
     mask = causal_mask(torch.tensor([[10], [20], [30], [49]]), torch.arange(50))
     assert decode_attention_fits(q, k, v, mask)
-    assert torch.equal(attend(q, k, v, mask), decode_attention(q, k, v, mask))
+    assert torch.equal(model["attend"](q, k, v, mask), decode_attention(q, k, v, mask))
+    assert not torch.equal(attend(q, k, v, mask), decode_attention(q, k, v, mask))  # the plain computation
+    prompt = causal_mask(torch.arange(50).expand(4, 50), torch.arange(50))
+    q = random_inputs(4, 8, 4, 50, 64, torch.float32)[0].expand(4, 8, 50, 64)  # 50 queries: not the kernel's
+    assert torch.equal(model["attend"](q, k, v, prompt), attend(q, k, v, prompt))
 
 
 def test_what_it_does_not_take_goes_to_the_torch_ops():

@@ -7,8 +7,8 @@ import torch
 import modelcode
 from modelcode.api import EMBEDDED
 from modelcode.kernels import kernels_available, pack_bf16_linears
-from modelcode.kernels.fuse import fuse_projections
-from modelcode.layers import project
+from modelcode.kernels.fuse import FusedSameInput, fuse_projections
+from modelcode.layers import SameInput
 from modelcode.quantization import quantize, save_quantized
 
 KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
@@ -35,11 +35,10 @@ def test_fused_projections_keep_outputs_state_dict_and_one_copy_of_the_weights(m
         state = {k: v.clone() for k, v in model.state_dict().items()}
         assert fuse_projections(model) == 4  # 2 layers x (q, k, v and gate, up)
         attention, ffn = model.layers[1].attention, model.layers[1].feed_forward
-        fusion = attention.wq.fusion
-        assert fusion.members == (attention.wq, attention.wk, attention.wv) and attention.wv.fusion is fusion
-        assert ffn.w1.fusion.members == (ffn.w1, ffn.w3) and not hasattr(ffn.w2, "fusion")
-        for layer in fusion.members:  # slices of the fused matrix, not copies
-            assert layer.weight.untyped_storage().data_ptr() == fusion.fused.weight.untyped_storage().data_ptr()
+        assert isinstance(attention.qkv, FusedSameInput) and attention.qkv.names == ("wq", "wk", "wv")
+        assert isinstance(ffn.gate_up, FusedSameInput) and ffn.gate_up.names == ("w1", "w3")
+        for layer in (attention.wq, attention.wk, attention.wv):  # slices of the fused matrix, not copies
+            assert layer.weight.untyped_storage().data_ptr() == attention.qkv.fused.weight.untyped_storage().data_ptr()
         after = model.state_dict()
         assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
         # exactly as before: in the kernels each output is its own dot product, and past their rows the
@@ -49,24 +48,23 @@ def test_fused_projections_keep_outputs_state_dict_and_one_copy_of_the_weights(m
 
 
 @KERNELS
-def test_project_runs_layers_one_by_one_unless_given_exactly_a_fused_group():
+def test_a_fused_group_equals_its_layers_run_one_by_one():
     model, _ = prepared("int8")
     fuse_projections(model)
     attention = model.layers[0].attention
-    x = torch.randn(1, 3, 128).bfloat16()
     with torch.no_grad():
-        alone = {name: getattr(attention, name)(x) for name in ("wq", "wk", "wv")}
-        for names in (("wq", "wk", "wv"), ("wk", "wq", "wv"), ("wq", "wk")):
-            outputs = project(x, *(getattr(attention, name) for name in names))
-            assert len(outputs) == len(names)
-            for name, y in zip(names, outputs):
-                assert torch.equal(y, alone[name]), (names, name)
+        for rows in (3, 24):  # in the kernel, and past its rows (the layers one by one)
+            x = torch.randn(1, rows, 128).bfloat16()
+            outputs = attention.qkv(attention, x)
+            assert len(outputs) == 3
+            for name, y in zip(("wq", "wk", "wv"), outputs):
+                assert torch.equal(y, getattr(attention, name)(x)), (rows, name)
 
 
 def test_layers_without_a_fusable_kernel_are_left_alone():
     model = modelcode.load("tinystories-656k").model  # float32 nn.Linear layers: PyTorch's matmul
     assert fuse_projections(model) == 0
-    assert not hasattr(model.layers[0].attention.wq, "fusion")
+    assert type(model.layers[0].attention.qkv) is SameInput
 
 
 @KERNELS

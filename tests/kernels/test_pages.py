@@ -67,7 +67,7 @@ def test_moving_keeps_values_sharing_and_tensor_objects(inference):
     assert embedding.data_ptr() % HUGE_PAGE == 0 and "hg" in vm_flags(embedding.data_ptr())
     if kernels_available():  # a fused layer's members still view its matrix
         attention = model.layers[0].attention
-        fused = attention.wq.fusion.fused.weight
+        fused = attention.qkv.fused.weight
         assert attention.wk.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
 
 

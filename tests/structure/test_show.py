@@ -15,8 +15,7 @@ from PIL import Image
 from modelcode.api import EMBEDDED
 from modelcode.cli.__main__ import main as cli
 from modelcode.layers import ContiguousKVCache
-from modelcode.loading import load_model
-from modelcode.models import registry
+from modelcode.loading import load_model, registry
 from modelcode.models.llama import Llama, LlamaConfig
 from modelcode.structure import describe, diagram, empty_model
 from modelcode.structure.layout import Layout
