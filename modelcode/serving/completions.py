@@ -23,13 +23,10 @@ from modelcode.serving.generation import (
 from modelcode.serving.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 
-def prompts_of(req: CompletionRequest, tok) -> tuple[list[list[int]], list[str]]:
-    """Token ids of each prompt and the text an echo writes back (as given, or the ids decoded)."""
+def prompts_of(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts as a list, each text or token ids."""
     p = req.prompt
-    if isinstance(p, str) or (p and isinstance(p[0], int)):
-        p = [p]
-    ids = [tok.encode(x, bos=tok.add_bos) if isinstance(x, str) else x for x in p]
-    return ids, [x if isinstance(x, str) else tok.decode(x) for x in p]
+    return [p] if isinstance(p, str) or isinstance(p[0], int) else p
 
 
 def choices_of(req: CompletionRequest, prompts: list[list[int]], server) -> list[Choice]:
@@ -91,8 +88,10 @@ def advance(choice: Choice, req: CompletionRequest, tok, prompt_text: str) -> Co
 
 async def create_completion(req: CompletionRequest, server):
     tok = server.lm.tokenizer
-    prompts, texts = prompts_of(req, tok)
-    choices = choices_of(req, prompts, server)
+    given = prompts_of(req)
+    prompts = [tok.encode(p, bos=tok.add_bos) if isinstance(p, str) else p for p in given]
+    choices = choices_of(req, prompts, server)  # checks the ids before anything decodes them
+    texts = [p if isinstance(p, str) else tok.decode(p) for p in given]  # what an echo writes back
     rid, created = new_id("cmpl"), int(time.time())
     stream = await started(merged(server.engine, choices, rid, server.metrics.timed))
     if req.stream:
