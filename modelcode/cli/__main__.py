@@ -16,6 +16,7 @@ COMMANDS = {
     "similarity": "modelcode.cli.similarity",
     "show": "modelcode.cli.show",
     "bench": "modelcode.cli.bench",
+    "serve": "modelcode.cli.serve",
 }
 
 
