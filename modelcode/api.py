@@ -32,14 +32,23 @@ def resolve_path(path: str | Path | None) -> Path:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device = "cpu", preset: str | None = None):
+         device: str | torch.device = "cpu", preset: str | None = None, adapter: str | Path | None = None):
     """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K) and wrap it for
     its task: a causal LM comes back as `modelcode.LM` (model, config, tokenizer, chat format, generate).
 
     dtype: default is the checkpoint's `torch_dtype`. preset: the exact name of a known shape for a
-    Meta folder whose params.json is not enough (see `modelcode.loading.registry.PRESETS`).
+    Meta folder whose params.json is not enough (see `modelcode.loading.registry.PRESETS`). adapter: a LoRA
+    adapter folder in peft's format, merged into the weights (kept beside them over a quantized base).
     """
     folder = resolve_path(path)
     model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset)
+    if adapter is not None:
+        from modelcode.training.adapter import load_adapter
+        from modelcode.training.lora import QUANTIZED, lora_layers, merge_lora
+
+        load_adapter(model, adapter, arch.weight_map)
+        if not any(isinstance(m.base, QUANTIZED) for m in lora_layers(model).values()):
+            merge_lora(model)
+        model.eval()
     module, _, name = TASKS[arch.task].partition(":")
     return getattr(importlib.import_module(module), name).from_folder(model, config, folder)

@@ -17,6 +17,7 @@ COMMANDS = {
     "show": "modelcode.cli.show",
     "bench": "modelcode.cli.bench",
     "serve": "modelcode.cli.serve",
+    "finetune": "modelcode.cli.finetune",
 }
 
 

@@ -17,12 +17,20 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | 
 
     q_pos: (B, T) positions of the queries; k_pos: (B, S) or (S,) positions of the keys.
     With a sliding window (Mistral), it sees only the last `sliding_window` positions, itself included.
+    Without a cache the keys are the queries' own tokens (k_pos is q_pos), and a row may pack several
+    sequences (fine-tuning's packing): a position that does not follow the one before it starts another
+    sequence, whose queries see none of the keys before it (transformers reads packed position_ids the same way).
     """
     q = q_pos[:, None, :, None]  # (B, 1, T, 1)
     k = k_pos[..., None, None, :] if k_pos.dim() == 1 else k_pos[:, None, None, :]
     mask = k <= q
     if sliding_window is not None:
         mask = mask & (q - k < sliding_window)
+    if k_pos is q_pos and q_pos.shape[1] > 1:
+        starts = torch.ones_like(q_pos, dtype=torch.bool)
+        starts[:, 1:] = q_pos[:, 1:] != q_pos[:, :-1] + 1
+        seq = starts.cumsum(1)  # (B, T): which packed sequence each token belongs to
+        mask = mask & (seq[:, None, :, None] == seq[:, None, None, :])
     return mask
 
 

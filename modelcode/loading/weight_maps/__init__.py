@@ -48,3 +48,14 @@ def lookup(compiled, name: str) -> tuple[list[str], Callable | None, bool] | Non
         targets = [t.replace("{}", layer, 1) if layer is not None else t for t in rule.targets]
         return targets, rule.transform, rule.optional
     return None
+
+
+def invert(weight_map: WeightMap) -> WeightMap:
+    """Our names -> checkpoint names: the same map read backwards, for writing a model in its checkpoint's
+    layout. Only plain renames invert; a tensor whose rule has a transform (or maps several tensors to one)
+    is left out, and `lookup` then reports it as unknown."""
+    inverse: WeightMap = {}
+    for theirs, ours in weight_map.items():
+        if isinstance(ours, str):
+            inverse.setdefault(ours, theirs)  # the first checkpoint name is the canonical one
+    return inverse

@@ -1,0 +1,38 @@
+"""Write a model back as a checkpoint folder in its own (Hugging Face) layout: the inverse of the weight map
+it was loaded with, so a folder written here loads in `modelcode.load` and in transformers alike."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from modelcode.errors import CheckpointError
+from modelcode.loading.weight_maps import compile_map, invert, lookup
+from modelcode.quantization.quantize import copy_non_weight_files
+
+
+def checkpoint_state(model: nn.Module, weight_map: dict) -> dict[str, torch.Tensor]:
+    """{checkpoint name: tensor} of a model's parameters (a tied weight once, under its first name)."""
+    inverse = compile_map(invert(weight_map))
+    state = {}
+    for ours, p in model.named_parameters():
+        rule = lookup(inverse, ours)
+        if not rule or len(rule[0]) != 1:
+            raise CheckpointError(f"parameter {ours!r} of {type(model).__name__} has no plain name in the "
+                                  "checkpoint layout (its weight map transforms it): it cannot be saved as is")
+        state[rule[0][0]] = p.detach().contiguous().cpu()
+    return state
+
+
+def save_checkpoint(model: nn.Module, weight_map: dict, source: str | Path, out: str | Path) -> Path:
+    """`out/model.safetensors` in the checkpoint's layout, and every other top-level file of the `source`
+    folder (config, tokenizer, generation config) copied as it is."""
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
+        raise ValueError(f"the output folder is the source folder {source}: choose another, the source "
+                         "weights would be overwritten")
+    out.mkdir(parents=True, exist_ok=True)
+    copy_non_weight_files(source, out)
+    save_file(checkpoint_state(model, weight_map), out / "model.safetensors", metadata={"format": "pt"})
+    return out
