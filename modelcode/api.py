@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
+from modelcode.errors import CheckpointError
 from modelcode.loading import load_model
+from modelcode.loading.build import read_config
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"tinystories-656k": ASSETS / "tinystories-656k"}  # models shipped inside the package
@@ -31,16 +33,43 @@ def resolve_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
+def not_found(folder: Path) -> str:
+    """Why a model name found no folder, and what to run instead: modelcode never downloads."""
+    text = f"checkpoint folder not found: {folder}"
+    if len(folder.parts) == 2 and not str(folder).startswith((".", "/", "~")):  # looks like a hub id, ORG/NAME
+        text += (f"; modelcode never downloads: fetch it first (`hf download {folder} --local-dir "
+                 f"{folder.name}`) and pass that folder")
+    return text + f" (embedded models: {', '.join(EMBEDDED)}; `modelcode list` shows what runs without a download)"
+
+
+# What a task's model is called, and the commands that use it.
+TASK_NAMES = {"causal-lm": ("a causal language model", "generate, chat, serve"),
+              "image-classification": ("an image classifier", "classify"),
+              "translation": ("a translation model", "translate"),
+              "embedding": ("a text encoder", "embed, similarity")}
+
+
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device = "cpu", preset: str | None = None, adapter: str | Path | None = None):
+         device: str | torch.device = "cpu", preset: str | None = None, adapter: str | Path | None = None,
+         task: str | None = None):
     """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K) and wrap it for
     its task: a causal LM comes back as `modelcode.LM` (model, config, tokenizer, chat format, generate).
 
     dtype: default is the checkpoint's `torch_dtype`. preset: the exact name of a known shape for a
     Meta folder whose params.json is not enough (see `modelcode.loading.registry.PRESETS`). adapter: a LoRA
-    adapter folder in peft's format, merged into the weights (kept beside them over a quantized base).
+    adapter folder in peft's format, merged into the weights (kept beside them over a quantized base). task:
+    the task the caller needs ("causal-lm", "embedding", ...): a folder of another kind is an error that
+    says so before any weight is read.
     """
     folder = resolve_path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(not_found(folder))
+    if task is not None:
+        arch, _ = read_config(folder, preset)
+        if arch.task != task:
+            what, commands = TASK_NAMES[arch.task]
+            raise CheckpointError(f"{folder} holds a {arch.model.__name__}, not {TASK_NAMES[task][0]}: it is {what}, "
+                                  f"for modelcode {commands}")
     model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset)
     if adapter is not None:
         from modelcode.training.adapter import load_adapter

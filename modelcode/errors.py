@@ -7,3 +7,12 @@ class CheckpointError(ValueError):
 
 class UnsupportedModelError(CheckpointError):
     """A `model_type` (or preset name) that no architecture in the registry handles."""
+
+
+class ArgumentError(ValueError):
+    """A bad value for one named argument. The message names it as the Python API spells it (`top_p`);
+    the command line names the flag the user typed instead (`--top-p`)."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")

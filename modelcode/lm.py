@@ -4,10 +4,12 @@ format, and generation calls in the spirit of Meta's Llama 3 reference (`generat
 
 import json
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 from torch import nn
 
+from modelcode.errors import ArgumentError
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
 from modelcode.generation.compile import CompiledModel
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
@@ -89,6 +91,7 @@ class LM:
         Ends each sequence at a stop id (not returned), at a stop string (the token completing it is
         returned), at max_new_tokens, or at the context length.
         """
+        _check_prompts(prompt_tokens)
         out = self._generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
                              self.stop_ids if stop_ids is None else stop_ids)
         tokens, lps = out.tokens, out.logprobs
@@ -100,7 +103,7 @@ class LM:
 
     def _generate(self, prompts, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
                   stop_ids) -> GenerationOutput:
-        return generate(self.runner, prompts, max_new_tokens or self.defaults.max_new_tokens,
+        return generate(self.runner, prompts, self._budget(max_new_tokens),
                         self.sampling(temperature, top_p, top_k), stop_ids, seed, logprobs, echo,
                         self._stop_check(prompts, stop))
 
@@ -131,7 +134,7 @@ class LM:
                 raise ValueError(f"the draft model at {draft.path} does not tokenize like {self.path}: a draft "
                                  "must share the target's tokenizer")
             draft = draft.model
-        return speculative_generate(self.model, prompt, max_new_tokens or self.defaults.max_new_tokens, draft,
+        return speculative_generate(self.model, prompt, self._budget(max_new_tokens), draft,
                                     prompt_lookup, speculate_k, self.sampling(temperature, top_p, top_k),
                                     self.stop_ids if stop_ids is None else stop_ids, seed,
                                     self._stop_check([prompt], stop))
@@ -140,8 +143,11 @@ class LM:
                         top_p: float | None = None, top_k: int | None = None, stop: list[str] | None = None,
                         logprobs: bool = False, echo: bool = False, seed: int | None = None) -> list[dict]:
         """Complete each prompt: [{"generation": text, "tokens": ids, "logprobs": [...] if asked}]."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("text_completion takes a list of prompt strings, e.g. ['Once upon a time']")
         tok = self._tokenizer()
         prompt_tokens = [tok.encode(p, bos=tok.add_bos) for p in prompts]
+        stop = self._stop_strings(stop, self.stop_ids)
         tokens, lps = self.generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo,
                                     seed)
         return [self._completion(p, t, lp, stop, echo)
@@ -153,6 +159,7 @@ class LM:
         """Answer each dialog: [{"generation": {"role": "assistant", "content": text}, ...}]."""
         chat = self._chat_format()
         prompt_tokens = [chat.encode_dialog_prompt(d, add_generation_prompt=True) for d in dialogs]
+        stop = self._stop_strings(stop, chat.stop_ids | self.stop_ids)
         tokens, lps = self.generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs,
                                     seed=seed, stop_ids=chat.stop_ids | self.stop_ids)
         results = [self._completion(p, t, lp, stop) for p, t, lp in zip(prompt_tokens, tokens,
@@ -167,8 +174,9 @@ class LM:
         """Iterate over the returned stream for text deltas as they are generated."""
         tok = self._tokenizer()
         ids = tok.encode(prompt, bos=tok.add_bos) if isinstance(prompt, str) else prompt
-        return TextStream(self.runner, tok, ids, max_new_tokens or self.defaults.max_new_tokens,
-                          self.sampling(temperature, top_p, top_k), self.stop_ids, stop, seed)
+        return TextStream(self.runner, tok, ids, self._budget(max_new_tokens),
+                          self.sampling(temperature, top_p, top_k), self.stop_ids,
+                          self._stop_strings(stop, self.stop_ids), seed)
 
     def _completion(self, prompt: list[int], tokens: list[int], lps: list | None, stop: list[str] | None,
                     echo: bool = False) -> dict:
@@ -183,6 +191,23 @@ class LM:
             out["logprobs"] = lps
         return out
 
+    def _budget(self, max_new_tokens: int | None) -> int:
+        """max_new_tokens, or the checkpoint's default when None (0 asks for no new tokens)."""
+        if max_new_tokens is None:
+            return self.defaults.max_new_tokens
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ArgumentError("max_new_tokens", f"must be a whole number, 0 or more, got {max_new_tokens!r}")
+        return max_new_tokens
+
+    def _stop_strings(self, stop: list[str] | None, stop_ids: frozenset[int]) -> list[str]:
+        """The caller's stop strings and the text of each stop token: a model may spell a stop token out in
+        ordinary tokens (TinyStories-656K writes "<|", "end", "_story", "|>" before its EOS)."""
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop or []):
+            raise TypeError("stop takes a list of strings, e.g. ['\\n\\n']")
+        texts = [text for text, i in (self.tokenizer.special_tokens if self.tokenizer else {}).items()
+                 if i in stop_ids]
+        return [*(stop or []), *texts]
+
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer files in {self.path}: pass token ids to generate(), or add the "
@@ -192,3 +217,12 @@ class LM:
     def _chat_format(self) -> ChatFormat:
         self._tokenizer()
         return self.chat_format
+
+
+def _check_prompts(prompt_tokens) -> None:
+    """Token-id prompts come as a list of lists of ints: the usual slips get a message, not a deep TypeError."""
+    ok = isinstance(prompt_tokens, list | tuple) and all(
+        isinstance(p, list | tuple) and all(isinstance(t, Integral) for t in p) for p in prompt_tokens)
+    if not ok:
+        raise TypeError("generate takes token ids, one list per prompt, e.g. [[1, 450, 2]]: for text, use "
+                        "text_completion(['...']) or lm.tokenizer.encode(text)")

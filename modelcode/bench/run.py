@@ -24,6 +24,7 @@ from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, install_cpu_kernels
 from modelcode.loading import load_model, registry, resolve_dtype
+from modelcode.loading.loader import resolve_device
 
 
 @dataclass
@@ -154,10 +155,14 @@ def bench(s: Settings, log=print) -> dict:
         raise ValueError("--quantize-head and --no-quantize-head need --quantize int8 or int4")
     if s.draft is not None and s.prompt_lookup is not None:
         raise ValueError("give one speculative drafter: --draft MODEL or --prompt-lookup N, not both")
+    if not s.batch_sizes or min(s.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must each be 1 or more, got {' '.join(map(str, s.batch_sizes))}")
+    if s.repeats < 1 or s.warmup < 0:
+        raise ValueError(f"--repeats must be 1 or more (got {s.repeats}) and --warmup 0 or more (got {s.warmup})")
     if s.prompt_len < 1 or s.new_tokens < 2:
         raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed is measured after the "
                          "first new token)")
-    device = torch.device(s.device)
+    device = resolve_device(s.device)
     result = dict(settings=asdict(s), machine=machine(device), load_average_before=os.getloadavg())
     model, name, folder = build(s)
     config = model.config

@@ -18,26 +18,26 @@ COMMANDS = {
     "bench": "modelcode.cli.bench",
     "serve": "modelcode.cli.serve",
     "finetune": "modelcode.cli.finetune",
+    "list": "modelcode.cli.list_models",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    from modelcode.cli.args import run
+    from modelcode.cli.args import fail, run_command
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        fn = importlib.import_module(COMMANDS[argv[0]]).main
-        try:
-            run(fn, argv[1:], prog=f"modelcode {argv[0]}")
-        except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: the message says what to do
-            sys.exit(f"modelcode {argv[0]}: error: {e}")
-        except BrokenPipeError:  # output piped into `head` and the like
-            sys.stderr.close()
-        return
-    lines = [f"  {name:<12}{(importlib.import_module(m).main.__doc__ or '').strip().splitlines()[0]}"
-             for name, m in COMMANDS.items()]
-    print("usage: modelcode <command> [--help]\n\ncommands:\n" + "\n".join(lines))
-    sys.exit(0 if argv in ([], ["--help"], ["-h"]) else 2)
+        return run_command(importlib.import_module(COMMANDS[argv[0]]).main, argv[1:], prog=f"modelcode {argv[0]}")
+    if argv in (["--version"], ["-V"]):
+        import modelcode
+
+        return print(f"modelcode {modelcode.__version__}")
+    if argv in ([], ["--help"], ["-h"]):
+        lines = [f"  {name:<12}{(importlib.import_module(m).main.__doc__ or '').strip().splitlines()[0]}"
+                 for name, m in COMMANDS.items()]
+        return print("usage: modelcode <command> [--help] | modelcode --version\n\ncommands:\n" + "\n".join(lines))
+    fail("modelcode", f"unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)} (modelcode --help says what "
+         "each does)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
     from modelcode.generation import ContextLengthError
     from modelcode.generation.session import ChatSession
 
-    lm = modelcode.load(model, dtype=dtype, device=device)
+    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm")
     if compile:
         lm.compile()
         print("[--compile: the first generation compiles; its time is included below]", file=sys.stderr)

@@ -12,11 +12,8 @@ def main(images: list[str], *, model: str, top_k: int = 5, dtype: str | None = N
         device: cpu, cuda, cuda:1, ...
     """
     import modelcode
-    from modelcode.tasks.classification import ImageClassifier
 
-    classifier = modelcode.load(model, dtype=dtype, device=device)
-    if not isinstance(classifier, ImageClassifier):
-        raise ValueError(f"{model} holds a {type(classifier.model).__name__}, not an image classifier")
+    classifier = modelcode.load(model, dtype=dtype, device=device, task="image-classification")
     for image, labels in zip(images, classifier.classify(list(images), top_k=top_k), strict=True):
         print(image)
         for label, prob in labels:

@@ -9,13 +9,9 @@ OUT_FORMATS = (".npy", ".json")
 def load_embedder(model: str | None, dtype: str | None, device: str):
     """The Embedder for `model`, or for the installed all-MiniLM-L6-v2 package when no model is given."""
     import modelcode
-    from modelcode.tasks.embedding import Embedder, default_model
+    from modelcode.tasks.embedding import default_model
 
-    embedder = modelcode.load(model or default_model(), dtype=dtype, device=device)
-    if not isinstance(embedder, Embedder):
-        raise ValueError(f"{model} holds a {type(embedder.model).__name__}, not a text encoder: pass a BERT / "
-                         "sentence-transformers checkpoint folder")
-    return embedder
+    return modelcode.load(model or default_model(), dtype=dtype, device=device, task="embedding")
 
 
 def main(texts: list[str], *, model: str | None = None, out: str | None = None, truncate: bool = False,

@@ -33,7 +33,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
     """
     import modelcode
 
-    lm = modelcode.load(model, dtype=dtype, device=device)
+    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm")
     if compile:
         if draft is not None or prompt_lookup is not None:
             raise ValueError("--compile applies to plain decoding, not to --draft / --prompt-lookup: use one of them")
@@ -43,7 +43,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)
     if draft is not None or prompt_lookup is not None:
-        draft_lm = None if draft is None else modelcode.load(draft, dtype=dtype, device=device)
+        draft_lm = None if draft is None else modelcode.load(draft, dtype=dtype, device=device, task="causal-lm")
         return speculate(lm, prompts, draft_lm, prompt_lookup, speculate_k, settings)
     start = time.perf_counter()
     if len(prompts) == 1:
@@ -59,8 +59,11 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         for p, r in zip(prompts, results):
             print(f"{p}{r['generation']}\n")
         n_tokens = sum(len(r["tokens"]) for r in results)
-    seconds = time.perf_counter() - start
-    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+    report_speed(n_tokens, time.perf_counter() - start)
+
+
+def report_speed(n_tokens: int, seconds: float) -> None:
+    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
 def speculate(lm, prompts: list[str], draft, prompt_lookup: int | None, speculate_k: int, settings: dict) -> None:
@@ -74,5 +77,5 @@ def speculate(lm, prompts: list[str], draft, prompt_lookup: int | None, speculat
     seconds = time.perf_counter() - start
     print(prompts[0] + lm._completion(ids, out.tokens, None, settings["stop"])["generation"])
     n_tokens = len(out.tokens)
-    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+    report_speed(n_tokens, seconds)
     print(f"[{out.stats.summary(n_tokens)}]", file=sys.stderr)

@@ -12,13 +12,14 @@ def main(model: str | None = None, *, dtype: str | None = None, device: str = "c
         device: cpu, cuda, cuda:1, ...
     """
     import modelcode
+    from modelcode.quantization.quantize import describe_scheme, parameter_count
 
     start = time.perf_counter()
     lm = modelcode.load(model, dtype=dtype, device=device)
     seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in lm.model.parameters())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in lm.model.parameters()})
-    print(f"{lm.path}\n  {type(lm.model).__name__}: {params:,} parameters, {', '.join(dtypes)}, on {device}, "
-          f"loaded in {seconds:.2f} s")
+    scheme = describe_scheme(lm.model)
+    print(f"{lm.path}\n  {type(lm.model).__name__}: {parameter_count(lm.model):,} parameters, "
+          f"{f'quantized {scheme}, ' if scheme else ''}{', '.join(dtypes)}, on {device}, loaded in {seconds:.2f} s")
     for field, value in vars(lm.config).items():
         print(f"  {field:<20} {value}")

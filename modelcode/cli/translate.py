@@ -14,10 +14,7 @@ def main(text: list[str], *, model: str, beams: int | None = None, max_new_token
         device: cpu, cuda, cuda:1, ...
     """
     import modelcode
-    from modelcode.tasks.translation import Translator
 
-    translator = modelcode.load(model, dtype=dtype, device=device)
-    if not isinstance(translator, Translator):
-        raise ValueError(f"{model} holds a {type(translator.model).__name__}, not a translation model")
+    translator = modelcode.load(model, dtype=dtype, device=device, task="translation")
     for translation in translator.translate(list(text), beams=beams, max_new_tokens=max_new_tokens):
         print(translation)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from modelcode.errors import ArgumentError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,11 +18,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ArgumentError("temperature", f"must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None for no limit), got {self.top_k}")
+            raise ArgumentError("top_k", f"must be 1 or more (or unset for no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ArgumentError("top_p", f"must be more than 0 and at most 1, got {self.top_p}")
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

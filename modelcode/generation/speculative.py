@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modelcode.errors import ArgumentError
 from modelcode.generation.generate import context_budget, prefill
 from modelcode.generation.sampling import SamplingParams, draw, probabilities, sample
 from modelcode.generation.session import common_prefix
@@ -98,7 +99,8 @@ class PromptLookup:
 
     def __init__(self, max_ngram: int = 3):
         if max_ngram < 1:
-            raise ValueError(f"prompt lookup matches n-grams of n >= 1 tokens, got {max_ngram}")
+            raise ArgumentError("prompt_lookup", f"is the longest n-gram to look up and must be 1 or more, got "
+                                f"{max_ngram}")
         self.max_ngram = max_ngram
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams,
@@ -211,8 +213,8 @@ def _drafter(model: nn.Module, prompt: list[int], draft: nn.Module | None, promp
         raise ValueError("speculative decoding takes one prompt as a non-empty list of token ids (batch size 1): "
                          "call it once per prompt, or use generate() for a batch")
     if speculate_k < 1:
-        raise ValueError(f"speculate_k is the number of draft tokens per target pass and must be >= 1, "
-                         f"got {speculate_k}")
+        raise ArgumentError("speculate_k", f"is the number of draft tokens per target pass and must be 1 or more, "
+                            f"got {speculate_k}")
     if (draft is None) == (prompt_lookup is None):
         raise ValueError("give exactly one drafter: a draft model, or prompt_lookup=n (the longest n-gram "
                          "to look up in the context)")

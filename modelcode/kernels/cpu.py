@@ -3,18 +3,22 @@ bfloat16 weights times any number of rows of bfloat16 activations, int8 and int4
 attention for one query per sequence (`attention.cpp`), built on first use by PyTorch's C++ extension tools;
 and the weight layouts they read.
 
-The build takes ~25 s once per machine (PyTorch caches it under ~/.cache/torch_extensions) and needs a
-C++ compiler, as torch.compile on CPU does. Where the CPU lacks the instructions, the build fails, or
-MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
+The build takes ~25 s once per machine (cached under ~/.cache/modelcode/, keyed by the sources, see
+`build_directory`) and needs a C++ compiler, as torch.compile on CPU does. Where the CPU lacks the
+instructions, the build fails, or MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
 """
 
 import functools
+import hashlib
 import os
-import warnings
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 
+NAME = "modelcode_cpu_kernels"
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu.cpp", "attention.cpp")]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
 BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
@@ -30,20 +34,47 @@ def cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
+def build_directory() -> Path:
+    """Where this copy of the kernels is built: keyed by a hash of the sources, the build flags and the torch
+    and Python versions, so installs of different sources never rebuild each other's, and alike ones share."""
+    key = hashlib.sha256()
+    for part in [*(Path(f).read_bytes() for f in SOURCES), *map(str.encode, BUILD_FLAGS),
+                 torch.__version__.encode(), sys.version.encode()]:
+        key.update(part)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "modelcode" / f"cpu-kernels-{key.hexdigest()[:16]}"
+
+
 @functools.cache
 def kernels_available() -> bool:
-    """Build and load the kernels once per process; False (with a warning if the build failed) where they
-    cannot run here."""
+    """Build (once per machine, saying so) and load the kernels once per process; False where they cannot run
+    here. A failed build is recorded next to where it would be, and says so in one line once."""
     if os.environ.get("MODELCODE_NO_CPU_KERNELS") or not set(NEEDED_CPU_FLAGS) <= cpu_flags():
         return False
     from torch.utils.cpp_extension import load
 
-    try:
-        load("modelcode_cpu_kernels", SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False)
-    except Exception as e:  # no compiler, no headers, ...: the library kernel still works
-        warnings.warn(f"modelcode's CPU kernels could not be built, PyTorch's are used instead: {e}", stacklevel=2)
+    folder = build_directory()
+    failed = folder / "build-failed.log"
+    if failed.exists():  # already said, on the run that tried
         return False
+    folder.mkdir(parents=True, exist_ok=True)
+    built = (folder / f"{NAME}.so").exists()
+    start = time.perf_counter()
+    if not built:
+        print("modelcode: building the CPU kernels, once (about 30 s) ...", end="", file=sys.stderr, flush=True)
+    try:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on the PATH")
+        load(NAME, SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
+             is_python_module=False)
+    except Exception as e:  # no compiler, no headers, ...: PyTorch's own kernels still work
+        failed.write_text(str(e))
+        print(" failed" if not built else "", file=sys.stderr)
+        print(f"modelcode: the CPU kernels could not be built ({str(e).splitlines()[0][:80]}); PyTorch's kernels "
+              f"run instead. Details: {failed} (delete it to try again)", file=sys.stderr)
+        return False
+    if not built:
+        print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     @torch.library.register_fake("modelcode::bf16_mm")
     def _(x, w):  # the output's shape, for torch.compile

@@ -38,18 +38,41 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: str | None) -> torch
     return DTYPES[name]
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's file; a broken file is an error that names it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): fetch the file again") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object: fetch the file again")
+    return value
+
+
 def read_config(folder: Path, preset: str | None = None) -> tuple[registry.Architecture, object]:
     """The architecture and config of a folder: `config.json` (Hugging Face) or `params.json` (Meta)."""
     if preset is not None:
         return registry.preset(preset)
     if (folder / "config.json").exists():
-        hf = json.loads((folder / "config.json").read_text())
+        hf = read_json(folder / "config.json")
         arch = registry.architecture(hf.get("model_type"))
-        return arch, arch.config_from_hf(hf)
+        return arch, _config(arch, hf, folder / "config.json")
     if (folder / "params.json").exists():
-        return registry.META_LLAMA, registry.META_LLAMA.config_from_hf(json.loads((folder / "params.json").read_text()))
-    raise CheckpointError(f"no config.json (Hugging Face) or params.json (Meta) in {folder}; "
-                          f"pass a preset for a Meta folder: one of {', '.join(sorted(registry.PRESETS))}")
+        return registry.META_LLAMA, _config(registry.META_LLAMA, read_json(folder / "params.json"),
+                                            folder / "params.json")
+    found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
+    raise CheckpointError(f"no config.json (Hugging Face) or params.json (Meta) in {folder} (it holds: "
+                          f"{', '.join(found) or 'nothing'}): give the folder the checkpoint was downloaded to")
+
+
+def _config(arch: registry.Architecture, fields: dict, path: Path):
+    try:
+        return arch.config_from_hf(fields)
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e.args[0]!r}, which a {arch.model.__name__} needs: fetch the file "
+                              "again") from e
+    except TypeError as e:  # a field of the wrong type: a string where a number belongs, ...
+        raise CheckpointError(f"{path} has a field of the wrong type ({e}): fetch the file again") from e
 
 
 def build(folder: str | Path | None = None, preset: str | None = None,

@@ -7,6 +7,7 @@ of the model itself. Pickle files are opened only with `torch.load(weights_only=
 """
 
 import json
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +52,25 @@ def _safetensors(file: Path) -> Iterator[StoredTensor]:
         f = safe_open(file, framework="pt", device="cpu")
         names = list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt download? fetch the file again)") from e
+        raise CheckpointError(f"cannot read {file}: {_first_line(e)} (truncated or corrupt download? fetch the "
+                              "file again)") from e
     for name in names:
         yield StoredTensor(name, file, tuple(f.get_slice(name).get_shape()), lambda f=f, n=name: f.get_tensor(n))
 
 
 def _torch_pickle(file: Path) -> Iterator[StoredTensor]:
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    try:  # files in the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as e:
-        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt download? fetch the file again)") from e
+        raise CheckpointError(f"cannot read {file}: {_first_line(e)} (truncated or corrupt download? fetch the "
+                              "file again)") from e
     for name, t in state.items():
         yield StoredTensor(name, file, tuple(t.shape), lambda t=t: t)
+
+
+def _first_line(e: Exception) -> str:
+    """Readers' messages can run to many lines (torch's zip reader: dozens); the first says what failed."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def read_tensors(files: list[Path]) -> Iterator[StoredTensor]:

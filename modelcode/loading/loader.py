@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from modelcode import quantization
-from modelcode.errors import CheckpointError
+from modelcode.errors import ArgumentError, CheckpointError
 from modelcode.loading import registry
 from modelcode.loading.build import build
 from modelcode.loading.checkpoint import StoredTensor, read_tensors, weight_files
@@ -18,14 +18,31 @@ from modelcode.loading.weight_maps import compile_map, lookup
 from modelcode.loading.weight_maps.llama import merge_meta_shards
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device asked for, if this machine has it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ArgumentError("device", f"{device!r} is not a device: use cpu, cuda, cuda:1, mps, ... ({e})") from e
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise ArgumentError("device", f"is {device}, but this machine (torch {torch.__version__}) has no "
+                            f"{device.type.upper()} device: use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ArgumentError("device", f"is {device}, but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                preset: str | None = None) -> tuple[nn.Module, object, registry.Architecture]:
+    device = resolve_device(device)
     built = build(folder, preset, dtype)
     stored = read_tensors(weight_files(Path(folder)))
     if built.arch is registry.META_LLAMA:
         stored = _merge_meta_shards(stored, built.config)
     state = _map_state(stored, built.weight_map, built.config, built.model)
-    _assign(built.model, state, built.dtype, torch.device(device))
+    _assign(built.model, state, built.dtype, device)
     if built.quantized:
         quantization.pack_layers(built.model)  # int4: the kernel layout of this device
     return built.model, built.config, built.arch

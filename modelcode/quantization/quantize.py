@@ -93,6 +93,10 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
     group_size is for int4 (ignored for int8). pack=False keeps the portable `Int8Linear` / `Int4Linear` form,
     which is what `save_quantized` writes; pack=True makes the layers fast on their current device.
     """
+    already = describe_scheme(model)
+    if already:
+        raise ValueError(f"this model is already quantized ({already}): quantizing again "
+                         "would lose precision and change nothing else; quantize the original checkpoint instead")
     layers = Scheme(mode, group_size if mode == "int4" else None)
     scheme = replace(layers, head="int8") if head is None and mode == "int4" else layers
     embeddings = embedding_weights(model)
@@ -134,6 +138,23 @@ def scheme_of(model: nn.Module) -> Scheme:
         raise ValueError(f"expected a model quantized with one scheme, found {len(found)}: "
                          + (", ".join(map(str, found)) if found else "quantize it first with quantize(model, mode)"))
     return found.pop()
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the model has them unquantized: a quantized layer counts in x out weights (and its bias),
+    not its codes, scales and zeros."""
+    quantized = {name: m for name, m in model.named_modules() if layer_scheme(m) is not None}
+    plain = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
+    return plain + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                       for m in quantized.values())
+
+
+def describe_scheme(model: nn.Module) -> str | None:
+    """The quantization of a model in words ("int4, group size 32, int8 head"), None when it has none."""
+    if not {layer_scheme(m) for m in model.modules()} - {None}:
+        return None
+    s = scheme_of(model)
+    return s.mode + (f", group size {s.group_size}" if s.group_size else "") + (f", {s.head} head" if s.head else "")
 
 
 def _head_schemes(model: nn.Module) -> set[Scheme]:

@@ -58,8 +58,10 @@ def empty_model(path: str | Path | None = None, dtype: torch.dtype | str | None 
                 preset: str | None = None) -> nn.Module:
     """The model of a checkpoint folder (or an embedded model's name, or a preset's name alone) built on the
     meta device from its config: every shape and dtype, no weights read. dtype: default the checkpoint's own."""
-    from modelcode.api import resolve_path
+    from modelcode.api import not_found, resolve_path
     from modelcode.loading import build
 
     folder = None if path is None and preset is not None else resolve_path(path)
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(not_found(folder))
     return build(folder, preset, dtype).model

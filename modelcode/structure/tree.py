@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modelcode.quantization.quantize import describe_scheme, parameter_count
 from modelcode.structure import sample as samples
 from modelcode.structure.modules import details, is_block_list, runs
 from modelcode.structure.trace import Trace, trace
@@ -45,6 +46,7 @@ class Tree:
     outputs: dict[str, tuple[int, ...]]
     kv_cache: samples.KVCacheSize | None = None
     depth: int | None = None  # levels below the model to print; None: all
+    quantized: tuple[int, str] | None = None  # a quantized model's parameters unquantized, and its scheme in words
 
     def lines(self) -> list[str]:
         rows: list[tuple[str, str, str, str]] = [("module", "output", "params", "dtype")]
@@ -73,7 +75,11 @@ class Tree:
         out = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
         ins = ", ".join(f"{k} {shape_text(s)}" for k, s in self.inputs.items())
         outs = ", ".join(f"{k} {shape_text(s)}" for k, s in self.outputs.items())
-        out.append(f"total: {self.total_params:,} parameters; sample: {ins} -> {outs}")
+        total = f"total: {self.total_params:,} parameters"
+        if self.quantized:
+            n, scheme = self.quantized
+            total = f"total: {n:,} parameters, quantized {scheme} ({self.total_params:,} stored values)"
+        out.append(f"{total}; sample: {ins} -> {outs}")
         if self.kv_cache is not None:
             out.append(str(self.kv_cache))
         return out
@@ -166,5 +172,7 @@ def describe(model: nn.Module, task: str | None = None, depth: int | None = None
     if root.params != total:  # the tree counts each parameter once; anything else is a bug here
         raise AssertionError(f"the tree counts {root.params:,} parameters but the model has {total:,}")
     kv = t.kv_cache(model, inputs) if kv_cache and t.kv_cache is not None else None
+    scheme = describe_scheme(model)
     return Tree(root, total, {k: tuple(v.shape) for k, v in inputs.items()},
-                {k: traced.values[v].shape for k, v in traced.outputs.items()}, kv, depth)
+                {k: traced.values[v].shape for k, v in traced.outputs.items()}, kv, depth,
+                scheme and (parameter_count(model), scheme))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcode.errors import ArgumentError
 from modelcode.tokenization import Tokenizer, load_tokenizer
 from modelcode.tokenization.base import token_content, tokenizer_config
 
@@ -84,9 +85,9 @@ class Embedder:
             ids = self._tokenizer().encode(text, parse_special=True)
             if len(ids) + 2 > limit:
                 if not truncate:
-                    raise ValueError(f"text {i} is {len(ids) + 2} tokens long with [CLS] and [SEP], but this model "
-                                     f"has positions for at most {limit}: shorten it, or pass truncate=True "
-                                     f"(--truncate) to keep its first {limit - 2} tokens")
+                    raise ArgumentError("truncate", f"is off and text {i} is {len(ids) + 2} tokens long with [CLS] "
+                                        f"and [SEP], but this model has positions for at most {limit}: shorten "
+                                        f"it, or turn truncate on to keep its first {limit - 2} tokens")
                 ids = ids[: limit - 2]
             out.append([cls, *ids, sep])
         return out

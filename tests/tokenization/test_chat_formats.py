@@ -2,7 +2,6 @@
 
 import json
 
-import jinja2
 import pytest
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
@@ -189,7 +188,8 @@ def test_template_helpers_and_errors(make_folder, assets):
     folder = story_folder(make_folder, assets, template)
     chat = load_chat_format(folder, load_tokenizer(folder))
     assert chat.render([{"role": "user", "content": "é<"}]) == '[{"role": "user", "content": "é<"}] 4'
-    with pytest.raises(jinja2.TemplateError, match="first message must be from the user"):
+    with pytest.raises(ValueError, match=r"chat template rejects this conversation \(roles \['assistant'\]\): first "
+                                         "message must be from the user"):
         chat.encode_dialog_prompt([{"role": "assistant", "content": "Hi"}])
     bad = story_folder(make_folder, assets, [{"name": "rag", "template": "x"}], name="bad")
     with pytest.raises(ValueError, match="no 'default'"):

@@ -1,0 +1,32 @@
+"""The first run's kernel build: keyed by its sources (two installs never rebuild each other's), said while
+it happens, and a failure said in one line, once."""
+
+import shutil
+
+from modelcode.kernels import cpu
+
+
+def test_build_directory_is_keyed_by_the_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ours = cpu.build_directory()
+    assert ours.parent == tmp_path / "modelcode"
+    copies = [shutil.copy(f, tmp_path / f.rsplit("/", 1)[-1]) for f in cpu.SOURCES]
+    monkeypatch.setattr(cpu, "SOURCES", copies)
+    assert cpu.build_directory() == ours  # another install of the same sources shares the build
+    with open(copies[0], "a") as f:
+        f.write("\n// changed\n")
+    assert cpu.build_directory() != ours
+
+
+def test_a_failed_build_says_so_in_one_line_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.delenv("MODELCODE_NO_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: set(cpu.NEEDED_CPU_FLAGS))
+    build = cpu.kernels_available.__wrapped__  # not the process's cached answer
+    assert not build()
+    status, failure = capsys.readouterr().err.strip().splitlines()
+    assert status == "modelcode: building the CPU kernels, once (about 30 s) ... failed"
+    assert failure.startswith("modelcode: the CPU kernels could not be built (no C++ compiler (no-such-compiler) on "
+                              "the PATH); PyTorch's kernels run instead. Details: ")
+    assert not build() and capsys.readouterr().err == ""  # said once: later runs do not try again
