@@ -10,6 +10,7 @@ from hf_reference import BASE, LLAMA_VARIANTS
 
 import modelcode
 from modelcode.engine import Engine, InvalidRequest, SamplingParams
+from modelcode.kernels import kernels_available
 
 CONTEXT = 512
 
@@ -227,3 +228,18 @@ def test_async_front_serves_concurrent_requests_and_aborts_those_left(tinystorie
         assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
     finally:
         engine.shutdown()
+
+
+def test_bfloat16_on_the_cpu_kernels(tinystories):
+    """In bfloat16 a prompt's rounding depends on how it is chunked, so tokens are compared with the engine's
+    own run of the prompt alone, and the first logprobs with float32's within bfloat16's precision."""
+    lm = modelcode.load("tinystories-656k", dtype=torch.bfloat16)
+    engine = Engine(lm)  # installs the CPU kernels on lm.model, where they run
+    if kernels_available():
+        assert any(type(m).__name__ == "PackedBF16Linear" for m in lm.model.modules())
+    prompts = [lm.tokenizer.encode(t, bos=True) for t in ("Once upon a time", "The sun was", "Tom and Lily")]
+    outs = engine.generate_batch(prompts, SamplingParams(max_tokens=24, logprobs=0))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == engine.generate_batch([prompt], SamplingParams(max_tokens=24))[0].token_ids
+        reference = alone(tinystories, prompt, 1)[1][0]
+        assert abs(out.logprobs[0] - reference) < 0.05
