@@ -51,7 +51,7 @@ TASK_NAMES = {"causal-lm": ("a causal language model", "generate, chat, serve"),
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device = "cpu", preset: str | None = None, adapter: str | Path | None = None,
-         task: str | None = None):
+         task: str | None = None, tp: int | None = None):
     """Load a checkpoint folder (or an embedded model's name; default: TinyStories-656K) and wrap it for
     its task: a causal LM comes back as `modelcode.LM` (model, config, tokenizer, chat format, generate).
 
@@ -59,7 +59,8 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     Meta folder whose params.json is not enough (see `modelcode.loading.registry.PRESETS`). adapter: a LoRA
     adapter folder in peft's format, merged into the weights (kept beside them over a quantized base). task:
     the task the caller needs ("causal-lm", "embedding", ...): a folder of another kind is an error that
-    says so before any weight is read.
+    says so before any weight is read. tp: inside a process that torchrun started (one per rank), split the
+    model across the `tp` ranks: this one loads only its share.
     """
     folder = resolve_path(path)
     if not folder.is_dir():
@@ -70,7 +71,15 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
             what, commands = TASK_NAMES[arch.task]
             raise CheckpointError(f"{folder} holds a {arch.model.__name__}, not {TASK_NAMES[task][0]}: it is {what}, "
                                   f"for modelcode {commands}")
-    model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset)
+    shard = None
+    if tp is not None:
+        if adapter is not None:
+            raise ValueError("an adapter and tp together are not supported: merge the adapter into a checkpoint "
+                             "first, then load that with tp")
+        from modelcode.parallel.process import start
+
+        shard, device = start(tp, device)
+    model, config, arch = load_model(folder, dtype=dtype, device=device, preset=preset, shard=shard)
     if adapter is not None:
         from modelcode.training.adapter import load_adapter
         from modelcode.training.lora import QUANTIZED, lora_layers, merge_lora

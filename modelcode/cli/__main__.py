@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
+        from modelcode.parallel.ranks import quiet_other_ranks
+
+        quiet_other_ranks()  # under torchrun (--tp), only rank 0 prints
         return run_command(importlib.import_module(COMMANDS[argv[0]]).main, argv[1:], prog=f"modelcode {argv[0]}")
     if argv in (["--version"], ["-V"]):
         import modelcode

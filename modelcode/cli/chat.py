@@ -8,7 +8,8 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops 
 
 def main(*, model: str | None = None, system: str | None = None, max_new_tokens: int | None = None,
          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-         seed: int | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False) -> None:
+         seed: int | None = None, dtype: str | None = None, device: str = "cpu", compile: bool = False,
+         tp: int | None = None) -> None:
     """Chat with a model; the conversation's KV cache is kept between turns, so only the new turn is prefilled.
 
     Args:
@@ -23,12 +24,15 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         device: cpu, cuda, cuda:1, ...
         compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
             The first reply waits for the compilation (a minute or more on CPU).
+        tp: tensor parallelism: split the model across this many processes, started by torchrun
+            (torchrun --standalone --nproc-per-node N --no-python modelcode chat --tp N); rank 0 reads and prints.
     """
     import modelcode
     from modelcode.generation import ContextLengthError
     from modelcode.generation.session import ChatSession
+    from modelcode.parallel.ranks import read_line
 
-    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm")
+    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
     if compile:
         lm.compile()
         print("[--compile: the first generation compiles; its time is included below]", file=sys.stderr)
@@ -36,9 +40,8 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
                           top_p=top_p, seed=seed)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
+        line = read_line("> ")  # under torchrun, every rank gets rank 0's line
+        if line is None:
             print(file=sys.stderr)
             return
         if line.strip() == "/exit":

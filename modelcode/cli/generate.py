@@ -10,7 +10,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
          seed: int | None = None, stop: list[str] | None = None, dtype: str | None = None,
          device: str = "cpu", draft: str | None = None, prompt_lookup: int | None = None,
-         speculate_k: int = 4, compile: bool = False) -> None:
+         speculate_k: int = 4, compile: bool = False, tp: int | None = None) -> None:
     """Generate text from one or more prompts; speed goes to stderr.
 
     Args:
@@ -30,10 +30,12 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         speculate_k: draft tokens the model checks per forward pass, with --draft or --prompt-lookup.
         compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
             Compiling takes a while (a minute or more on CPU) before the first token; it pays off on long outputs.
+        tp: tensor parallelism: split the model across this many processes, started by torchrun
+            (torchrun --standalone --nproc-per-node N --no-python modelcode generate ... --tp N); rank 0 prints.
     """
     import modelcode
 
-    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm")
+    lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
     if compile:
         if draft is not None or prompt_lookup is not None:
             raise ValueError("--compile applies to plain decoding, not to --draft / --prompt-lookup: use one of them")

@@ -64,7 +64,9 @@ def compile_settings(device: torch.device, freeze: bool = True, autotune: bool =
     # step's elementwise kernels and norms are small (a few thousand values per sequence): starting and joining
     # threads costs more than it saves below ~16K values per thread, so those run on one (llama-1b int4 batch 1:
     # ~5% faster; inductor's default splits from 512).
-    settings = {"cpp_wrapper": True, "cpp.min_chunk_size": PARALLEL_KERNEL_MIN_VALUES_PER_THREAD}
+    # The C++ wrapper cannot call torch.distributed's collectives: a tensor-parallel model keeps Python's.
+    split = torch.distributed.is_available() and torch.distributed.is_initialized()
+    settings = {"cpp_wrapper": not split, "cpp.min_chunk_size": PARALLEL_KERNEL_MIN_VALUES_PER_THREAD}
     if freeze:
         # Freezing folds the weights into the compiled code as constants (inference only); max_autotune
         # times inductor's C++ GEMMs, which need constant weights, against the library's for each shape.

@@ -27,6 +27,13 @@ class StoredTensor:
     file: Path
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor]
+    # Reads only the rows [start, stop) along one dim (a rank's shard, see parallel/): (dim, start, stop) -> tensor.
+    read_part: Callable[[int, int, int], torch.Tensor] | None = None
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self.read_part is None:
+            return self.read().narrow(dim, start, stop - start).clone()  # its own memory, not a view of the whole
+        return self.read_part(dim, start, stop)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -55,7 +62,8 @@ def _safetensors(file: Path) -> Iterator[StoredTensor]:
         raise CheckpointError(f"cannot read {file}: {_first_line(e)} (truncated or corrupt download? fetch the "
                               "file again)") from e
     for name in names:
-        yield StoredTensor(name, file, tuple(f.get_slice(name).get_shape()), lambda f=f, n=name: f.get_tensor(n))
+        yield StoredTensor(name, file, tuple(f.get_slice(name).get_shape()), lambda f=f, n=name: f.get_tensor(n),
+                           lambda dim, a, b, f=f, n=name: f.get_slice(n)[(slice(None),) * dim + (slice(a, b),)])
 
 
 def _torch_pickle(file: Path) -> Iterator[StoredTensor]:

@@ -35,17 +35,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               preset: str | None = None) -> tuple[nn.Module, object, registry.Architecture]:
+               preset: str | None = None, shard=None) -> tuple[nn.Module, object, registry.Architecture]:
+    """shard: a `parallel.TensorParallel`: build and read only this rank's share of the model."""
     device = resolve_device(device)
     built = build(folder, preset, dtype)
     stored = read_tensors(weight_files(Path(folder)))
     if built.arch is registry.META_LLAMA:
         stored = _merge_meta_shards(stored, built.config)
-    state = _map_state(stored, built.weight_map, built.config, built.model)
+    config = built.config
+    if shard is not None:
+        dims = shard.split_dims(built.model, config)
+        stored, config = shard.shard_stored(stored, built.weight_map, dims), shard.shard(built.model, config)
+    state = _map_state(stored, built.weight_map, config, built.model)
     _assign(built.model, state, built.dtype, device)
     if built.quantized:
         quantization.pack_layers(built.model)  # int4: the kernel layout of this device
-    return built.model, built.config, built.arch
+    if shard is not None:
+        shard.connect(built.model)
+    return built.model, config, built.arch
 
 
 def _merge_meta_shards(stored: list[StoredTensor], config) -> list[StoredTensor]:
