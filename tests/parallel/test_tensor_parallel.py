@@ -96,25 +96,29 @@ def test_tp_that_does_not_divide_the_heads():
         TensorParallel(rank=0, world=3).check(model, config)
 
 
-def test_tp_without_torchrun(monkeypatch, capsys):
+def run_cli(*argv: str) -> int:
     from modelcode.cli.__main__ import main
 
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code
+
+
+def test_tp_without_torchrun(monkeypatch, capsys):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--tp", "2", "--max-new-tokens", "2"])
-    assert "tp=2 runs one process per rank, started by torchrun: torchrun --standalone --nproc-per-node 2" in str(
-        e.value.code)
+    assert run_cli("generate", "--tp", "2", "--max-new-tokens", "2") == 2
+    assert capsys.readouterr().err == ("modelcode generate: error: tp=2 runs one process per rank, started by "
+                                       "torchrun: torchrun --standalone --nproc-per-node 2 --no-python modelcode "
+                                       "generate ... --tp 2\n")
 
 
-def test_world_size_that_differs_from_tp(monkeypatch):
-    from modelcode.cli.__main__ import main
-
+def test_world_size_that_differs_from_tp(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--tp", "2", "--max-new-tokens", "2"])
-    assert "tp=2 but torchrun started 4 processes: launch with --nproc-per-node 2, or pass --tp 4" in str(e.value.code)
+    assert run_cli("generate", "--tp", "2", "--max-new-tokens", "2") == 2
+    assert capsys.readouterr().err == ("modelcode generate: error: tp=2 but torchrun started 4 processes: launch with "
+                                       "--nproc-per-node 2, or pass --tp 4\n")
 
 
 def test_cli_under_torchrun_prints_once():
@@ -133,7 +137,7 @@ def test_cli_under_torchrun_heads_that_do_not_split(tmp_path):
                                       vocab_size=128)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     run = torchrun("-m", "modelcode.cli", "generate", "--model", str(tmp_path), "--tp", "2", timeout=120)
-    assert run.returncode != 0
+    assert run.returncode != 0  # torchrun's own status: 1 when a rank fails
     ours = [line for line in run.stderr.splitlines() if line.startswith("modelcode generate: error:")]
     assert ours == ["modelcode generate: error: tp=2 does not divide the model's 3 attention heads: use a tp that "
                     "divides 3 attention heads, 3 key/value heads, 96 feed-forward width (1, 3)"]
