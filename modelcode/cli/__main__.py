@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "modelcode.cli.bench",
     "serve": "modelcode.cli.serve",
     "finetune": "modelcode.cli.finetune",
+    "check": "modelcode.cli.check",
     "list": "modelcode.cli.list_models",
 }
 
