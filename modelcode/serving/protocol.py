@@ -21,7 +21,7 @@ class SamplingFields(BaseModel):
     """What completions and chat share. temperature defaults to OpenAI's 1; top_k -1 or 0 (vLLM) is off."""
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=100)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's range
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     n: int = Field(1, ge=1, le=64)

@@ -100,6 +100,13 @@ def test_logprobs_are_the_models(client, lm):
         assert 3 <= len(top) <= 4 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: chosen is top
 
 
+def test_logit_bias_pushes_a_token(client, lm):
+    r = client.completions.create(model="tinystories-656k", prompt=PROMPT, max_tokens=4, temperature=0,
+                                  logit_bias={"42": 100}, logprobs=0)
+    ids = lm.tokenizer.encode(PROMPT, bos=True)
+    assert r.choices[0].text == lm.tokenizer.decode(ids + [42] * 4)[len(lm.tokenizer.decode(ids)):]
+
+
 def test_echo_scores_the_prompt(client, lm):
     ids = lm.tokenizer.encode(PROMPT, bos=True)
     r = client.completions.create(model="tinystories-656k", prompt=ids, max_tokens=0, echo=True, logprobs=1)
