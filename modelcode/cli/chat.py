@@ -52,11 +52,10 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
             continue
         if not line.strip():
             continue
-        start, n = time.perf_counter(), 0
+        start = time.perf_counter()
         try:
             for delta in session.send(line):
                 print(delta, end="", flush=True)
-                n += 1
         except KeyboardInterrupt:
             print("\n[reply stopped]", file=sys.stderr)
             continue
@@ -64,4 +63,6 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
             print(f"[{e}]", file=sys.stderr)
             continue
         print()
-        print(f"[prefilled {session.prefilled} tokens, {time.perf_counter() - start:.2f} s]", file=sys.stderr)
+        reply = len(session.history) - len(session.prompt)
+        print(f"[prefilled {session.prefilled} tokens in {session.prefill_seconds:.2f} s; replied {reply} tokens in "
+              f"{time.perf_counter() - start:.2f} s]", file=sys.stderr)

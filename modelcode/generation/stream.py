@@ -1,5 +1,6 @@
 """Streaming one sequence as text deltas, with stop strings that never leak into the output."""
 
+import time
 from collections.abc import Iterator
 
 import torch
@@ -12,7 +13,7 @@ from modelcode.layers import KVCache
 
 class TextStream:
     """Iterate for text deltas. Afterwards `tokens` holds the new ids, `text` the whole text and
-    `finish_reason` is "stop" (stop id or string) or "length".
+    `finish_reason` is "stop" (stop id or string) or "length", and `prefill_seconds` the prompt's prefill time.
 
     A caller that keeps `cache` between calls (a chat) passes `cached`: how many leading prompt tokens
     are already in it, so only the rest is prefilled.
@@ -29,12 +30,17 @@ class TextStream:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.prefill_seconds = 0.0
 
     def __iter__(self) -> Iterator[str]:
         detok = IncrementalDetokenizer(self.tokenizer, self.prompt)
         hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be forming in these
         emitted = 0
+        start = time.perf_counter()
         logits, _ = prefill(self.model, self.cache, [self.prompt], [self.cached])
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        self.prefill_seconds = time.perf_counter() - start
         generator = None if self.seed is None else torch.Generator(logits.device).manual_seed(self.seed)
         self.finish_reason = "length"
 

@@ -141,11 +141,17 @@ class ChatMLFormat(ChatFormat):
 
 class PlainChatFormat(ChatFormat):
     """For base models without a template (e.g. TinyStories): a plain transcript,
-    "User: Hello\\n\\nAssistant:", after BOS when the tokenizer wants it. Stops at EOS only."""
+    "User: Hello\\n\\nAssistant:", after BOS when the tokenizer wants it. Stops at EOS only. A message that
+    starts with white space keeps it (a model's reply, written right after "Assistant:", often does), so a
+    reply reads back as the model wrote it; others get one space after the colon."""
 
     def encode_dialog_prompt(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        text = "".join(f"{m['role'].capitalize()}: {m['content'].strip()}\n\n" for m in messages)
+        text = "".join(f"{m['role'].capitalize()}:{_spaced(m['content'].rstrip())}\n\n" for m in messages)
         return self._bos() + self.tok.encode(text + ("Assistant:" if add_generation_prompt else ""))
+
+
+def _spaced(text: str) -> str:
+    return text if text[:1].isspace() else " " + text
 
 
 def read_chat_template(folder: Path) -> str | None:

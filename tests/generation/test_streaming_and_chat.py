@@ -10,7 +10,7 @@ from cli_helpers import cli_error
 import modelcode
 from modelcode.cli.__main__ import main as cli
 from modelcode.generation import IncrementalDetokenizer
-from modelcode.generation.session import ChatSession
+from modelcode.generation.session import ChatSession, common_prefix
 from modelcode.tokenization import load_tokenizer
 
 TOKENIZERS = Path(__file__).parents[1] / "assets" / "tokenizers"
@@ -58,14 +58,19 @@ def test_stop_id_ends_generation(lm):
     assert 0 < len(tokens[0]) < 300 and lm.tokenizer.eos_id not in tokens[0]
 
 
-def test_chat_prefills_only_the_new_turn_and_equals_a_fresh_run(lm):
-    session = ChatSession(lm, max_new_tokens=24)
-    first = "".join(session.send("Tell me a story about a cat."))
+@pytest.mark.parametrize("opening", ["Tell me a story about a cat.", "What is a dog?", "Who is Lily?"])
+def test_chat_prefills_only_the_new_turn_and_equals_a_fresh_run(lm, opening):
+    session = ChatSession(lm, max_new_tokens=60)
+    first = "".join(session.send(opening))
+    said = session.history  # the first prompt and the reply, as the model read and wrote them
     second = "".join(session.send("What happened next?"))
     full = lm.chat_format.encode_dialog_prompt(session.messages[:-1], add_generation_prompt=True)
-    assert 0 < session.prefilled < len(full) / 2
-    fresh = lm.chat_completion([session.messages[:-1]], max_new_tokens=24)[0]["generation"]["content"]
-    assert first and second == fresh
+    decode = lm.tokenizer.decode
+    assert decode(session.prompt) == decode(full)  # the same conversation ...
+    kept = common_prefix(session.prompt, said)  # ... in the model's own tokens, all but a spelled-out stop token
+    assert len(said) - kept <= 4  # so only the new turn is prefilled
+    assert session.prefilled == len(session.prompt) - min(kept, len(said) - 1)  # (the last token was never fed)
+    assert first and second == "".join(lm.stream(session.prompt, max_new_tokens=60))  # as a fresh run
 
 
 def test_chat_says_when_the_conversation_outgrows_the_context(lm):
