@@ -103,6 +103,8 @@ class LlamaCpp:
         import llama_cpp as lc
 
         self.lc = lc
+        self._quiet = lc.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it
+        lc.llama_log_set(self._quiet, None)
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
         params.use_extra_bufts = extra_bufts
