@@ -91,7 +91,7 @@ class LM:
         Ends each sequence at a stop id (not returned), at a stop string (the token completing it is
         returned), at max_new_tokens, or at the context length.
         """
-        _check_prompts(prompt_tokens)
+        _check_prompts(prompt_tokens, self.config.vocab_size)
         out = self._generate(prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop, logprobs, echo, seed,
                              self.stop_ids if stop_ids is None else stop_ids)
         tokens, lps = out.tokens, out.logprobs
@@ -174,6 +174,7 @@ class LM:
         """Iterate over the returned stream for text deltas as they are generated."""
         tok = self._tokenizer()
         ids = tok.encode(prompt, bos=tok.add_bos) if isinstance(prompt, str) else prompt
+        _check_prompts([ids], self.config.vocab_size)
         return TextStream(self.runner, tok, ids, self._budget(max_new_tokens),
                           self.sampling(temperature, top_p, top_k), self.stop_ids,
                           self._stop_strings(stop, self.stop_ids), seed)
@@ -219,10 +220,17 @@ class LM:
         return self.chat_format
 
 
-def _check_prompts(prompt_tokens) -> None:
-    """Token-id prompts come as a list of lists of ints: the usual slips get a message, not a deep TypeError."""
+
+def _check_prompts(prompt_tokens, vocab_size: int) -> None:
+    """Token-id prompts come as a list of lists of ints within the vocabulary: the usual slips get a message,
+    not a TypeError or an IndexError deep in the model."""
     ok = isinstance(prompt_tokens, list | tuple) and all(
         isinstance(p, list | tuple) and all(isinstance(t, Integral) for t in p) for p in prompt_tokens)
     if not ok:
         raise TypeError("generate takes token ids, one list per prompt, e.g. [[1, 450, 2]]: for text, use "
                         "text_completion(['...']) or lm.tokenizer.encode(text)")
+    for i, p in enumerate(prompt_tokens):
+        bad = next((t for t in p if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} has token id {bad}, outside this model's vocabulary (0 to "
+                             f"{vocab_size - 1}): encode text with this model's own tokenizer")

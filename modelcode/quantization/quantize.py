@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from modelcode.quantization.linear import (
     INT4_GROUP_SIZES,
@@ -102,9 +103,9 @@ def quantize(model: nn.Module, mode: str, group_size: int | None = 32, pack: boo
     embeddings = embedding_weights(model)
     heads = output_heads(model)
     skip = {name for name in heads if head is False or id(model.get_submodule(name).weight) in embeddings}
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name not in skip:
-            replace_module(model, name, scheme.of_layer(name in heads).quantize_layer(m))
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+    for name, m in tqdm(linears, desc=f"quantizing to {mode}", unit="layer", delay=2.0, leave=False):
+        replace_module(model, name, scheme.of_layer(name in heads).quantize_layer(m))
     return pack_layers(model) if pack else model
 
 
@@ -181,10 +182,18 @@ def save_quantized(model: nn.Module, source: str | Path, out: str | Path) -> Pat
         raise ValueError(f"the output folder {out} is not empty: choose a new folder (files left from another "
                          "checkpoint would be loaded along with this one)")
     scheme = scheme_of(model)
-    out.mkdir(parents=True, exist_ok=True)
-    copy_non_weight_files(source, out)
-    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
-    save_file(tensors, out / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(asdict(scheme))})
+    # Written next to `out` and renamed when complete: an interrupted run leaves no half folder behind.
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        copy_non_weight_files(source, partial)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
+        save_file(tensors, partial / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(asdict(scheme))})
+        partial.replace(out)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return out
 
 

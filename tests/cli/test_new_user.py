@@ -1,6 +1,7 @@
 """What a new user meets: every bad input gets one line that says what was wrong and what to do (exit
 status 2, no traceback), on the command line and in the Python API."""
 
+import importlib
 import json
 
 import pytest
@@ -65,6 +66,8 @@ def test_python_api_type_slips(lm):
         lm.generate([[1, 2]], max_new_tokens=-1)
     with pytest.raises(TypeError, match="stop takes a list of strings"):
         lm.text_completion(["Once"], stop=".")
+    with pytest.raises(ValueError, match=r"prompt 0 has token id 5000, outside this model's vocabulary \(0 to 2047\)"):
+        lm.generate([[1, 5000]])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -138,3 +141,19 @@ def test_interrupted_command_says_so(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli(["info"])
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "modelcode info: interrupted"
+
+
+def test_interrupted_quantize_leaves_nothing_half_written(capsys, tmp_path, monkeypatch):
+    module = importlib.import_module("modelcode.quantization.quantize")  # the package's `quantize` is a function
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_file", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q"), "--no-report"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("modelcode quantize: interrupted")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its partial copy
+    monkeypatch.undo()
+    cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q"), "--no-report"])
+    assert modelcode.load(tmp_path / "q").text_completion(["Once"], max_new_tokens=3)[0]["tokens"]
