@@ -6,7 +6,10 @@ Tensors are read lazily, one at a time, from memory-mapped files, so peak memory
 of the model itself. Pickle files are opened only with `torch.load(weights_only=True)`.
 """
 
+import functools
 import json
+import math
+import os
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,7 +66,40 @@ def _safetensors(file: Path) -> Iterator[StoredTensor]:
                               "file again)") from e
     for name in names:
         yield StoredTensor(name, file, tuple(f.get_slice(name).get_shape()), lambda f=f, n=name: f.get_tensor(n),
-                           lambda dim, a, b, f=f, n=name: f.get_slice(n)[(slice(None),) * dim + (slice(a, b),)])
+                           lambda dim, a, b, f=f, n=name: f.get_slice(n)[a:b] if dim == 0 else
+                           _read_columns(file, n, dim, a, b))
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+@functools.cache
+def _header(file: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its header: {name: {dtype, shape, data_offsets}}."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _read_columns(file: Path, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """[start, stop) along a dim past the first (a row-parallel rank's columns), read with one positional read
+    per row rather than through the memory map: reading columns through the map would fault in (and leave
+    resident in this process) the pages of every column, most of which belong to other ranks."""
+    data_start, header = _header(file)
+    entry = header[name]
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+    step = math.prod(shape[dim + 1:]) * dtype.itemsize  # bytes per index along `dim`
+    rows = math.prod(shape[:dim])
+    out = torch.empty(rows, (stop - start) * step, dtype=torch.uint8)
+    buf = out.numpy()
+    first = data_start + entry["data_offsets"][0] + start * step
+    with open(file, "rb", buffering=0) as fh:
+        for i in range(rows):
+            if os.preadv(fh.fileno(), [buf[i]], first + i * shape[dim] * step) != buf.shape[1]:
+                raise CheckpointError(f"{file} ends inside tensor {name!r}: truncated download? fetch the file again")
+    return out.view(dtype).view(*shape[:dim], stop - start, *shape[dim + 1:])
 
 
 def _torch_pickle(file: Path) -> Iterator[StoredTensor]:

@@ -16,6 +16,7 @@ from hf_reference import tiny_hf_model
 import modelcode
 from modelcode.api import EMBEDDED
 from modelcode.loading import load_model
+from modelcode.loading.checkpoint import read_tensors
 from modelcode.parallel.shard import TensorParallel
 from modelcode.quantization import quantize, save_quantized
 
@@ -88,6 +89,20 @@ def test_each_rank_holds_about_half(results, case):
     """Norms are all a rank holds twice: the rest is split (vocabularies that divide by 2 included)."""
     tp1, tp2 = results[case]["tp1"]["parameters"], results[case]["tp2"]["parameters"]
     assert tp2 < 0.52 * tp1
+
+
+def test_a_rank_reads_its_part_of_a_stored_tensor(tmp_path):
+    """Rows through safetensors' get_slice, columns (and past) by positional reads: the same values either way."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.randn(6, 10, dtype=torch.bfloat16), "x": torch.randn(3, 4, 8),
+               "q": torch.randint(0, 255, (5, 12), dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    for st in read_tensors([tmp_path / "model.safetensors"]):
+        t = tensors[st.name]
+        for dim, size in enumerate(t.shape):
+            for start, stop in [(0, size // 2), (size // 2, size)]:
+                assert torch.equal(st.part(dim, start, stop), t.narrow(dim, start, stop - start)), (st.name, dim)
 
 
 def test_tp_that_does_not_divide_the_heads():
