@@ -1,13 +1,16 @@
 """Tensor parallelism on CPU: decode speed, each rank's peak memory and the collectives' time per step, at
 TP 1 and TP 2, on a random checkpoint of a preset's shape (default llama-1b) written to a temporary folder.
 
-    python benchmarks/tp.py [--preset llama-1b] [--dtype bfloat16] [--tp 1 2] [--new-tokens 32] [--out tp.json]
+    python benchmarks/tp.py [--preset llama-1b] [--dtype bfloat16] [--tp 1 2] [--threads-per-rank N]
+                            [--new-tokens 32] [--folder DIR] [--out tp.json]
 
 Each TP size is its own `torchrun --standalone` launch of this file (`--worker`), so each rank's peak resident
 memory (ru_maxrss) is its own process's, from startup through loading and decoding. The CPU's cores are shared
-out: TP N gives each rank cores / N threads, so every launch uses the same cores. The collectives' time per step
-is measured apart, on tensors of a decode step's shapes: one all-reduce of (1, 1, dim) per attention and per MLP
-of each layer, one for the embedding and an all-gather of the logits (what `modelcode/parallel/` runs).
+out: TP N gives each rank cores / N threads (or --threads-per-rank), so every launch uses the same cores. The
+collectives' time per step is measured apart, on tensors of a decode step's shapes: one all-reduce of (1, 1, dim)
+per attention and per MLP of each layer, one for the embedding and an all-gather of the logits (what
+`modelcode/parallel/` runs). --folder keeps the checkpoint there (written once, reused when it exists) instead of
+a temporary folder.
 """
 
 import argparse
@@ -93,7 +96,7 @@ def worker(folder: str, tp: int, dtype: str, prompt_len: int, new_tokens: int, r
 
 
 def launch(folder: Path, tp: int, args) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // tp)
+    threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), __file__,
            "--worker", str(folder), "--tp-size", str(tp), "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
@@ -125,6 +128,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads-per-rank", type=int)
+    p.add_argument("--folder")
     p.add_argument("--out", default="tp.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tp-size", type=int, help=argparse.SUPPRESS)
@@ -136,11 +141,13 @@ def main() -> None:
     from modelcode.bench.run import machine
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        start = time.perf_counter()
-        write_checkpoint(args.preset, getattr(torch, args.dtype), folder)
-        print(f"wrote a random {args.preset} checkpoint ({args.dtype}) in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr)
+        folder = Path(args.folder or tmp)
+        if not (folder / "model.safetensors").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            write_checkpoint(args.preset, getattr(torch, args.dtype), folder)
+            print(f"wrote a random {args.preset} checkpoint ({args.dtype}) in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr)
         results = [launch(folder, tp, args) for tp in args.tp]
     out = dict(preset=args.preset, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                machine=machine(torch.device("cpu")), results=results)
