@@ -50,18 +50,27 @@ class Settings:
     draft: str | None = None  # speculative decoding beside plain decoding at batch 1: a draft model's folder or name
     prompt_lookup: int | None = None  # ... or prompt lookup of n-grams up to this long
     speculate_k: int = 4  # draft tokens per target pass
+    tp: int | None = None  # tensor parallelism across this many torchrun processes (see modelcode/parallel/)
 
 
 def build(s: Settings) -> tuple[torch.nn.Module, str, Path | None]:
     """A fresh, unquantized model for the settings: (model, its name, its folder if it has one)."""
-    device = torch.device(s.device)
+    device, shard = torch.device(s.device), None
+    if s.tp is not None:
+        from modelcode.parallel.process import start
+
+        shard, device = start(s.tp, device)
     name = s.model or "tinystories-656k"
     folder = resolve_path(name)
     if folder.is_dir():
-        model, _, _ = load_model(folder, dtype=s.dtype, device=device)
+        model, _, _ = load_model(folder, dtype=s.dtype, device=device, shard=shard)
         return model, folder.name, folder
     if name in registry.PRESETS:
-        return random_model(name, resolve_dtype(s.dtype, "bfloat16"), device, s.seed), f"{name} (random)", None
+        model = random_model(name, resolve_dtype(s.dtype, "bfloat16"), device, s.seed)
+        if shard is not None:  # every rank draws the same weights, then keeps its share
+            shard.shard(model, model.config)
+            shard.connect(model)
+        return model, f"{name} (random)", None
     raise ValueError(f"no model {name!r}: give a checkpoint folder, an embedded model ({', '.join(EMBEDDED)}) "
                      f"or a preset for random weights ({', '.join(sorted(registry.PRESETS))})")
 
@@ -153,6 +162,10 @@ def bench(s: Settings, log=print) -> dict:
         raise ValueError(f"unknown --quantize {s.quantize!r}: use int8 or int4")
     if s.quantize_head is not None and s.quantize is None:
         raise ValueError("--quantize-head and --no-quantize-head need --quantize int8 or int4")
+    if s.tp is not None and (s.hf or s.quantize or s.draft or s.prompt_lookup):
+        raise ValueError("--tp measures our model alone, as loaded: add --no-hf (transformers runs the whole model "
+                         "in one process), and bench a folder quantized beforehand (modelcode quantize) rather than "
+                         "--quantize; speculative decoding is not measured with --tp")
     if s.draft is not None and s.prompt_lookup is not None:
         raise ValueError("give one speculative drafter: --draft MODEL or --prompt-lookup N, not both")
     if not s.batch_sizes or min(s.batch_sizes) < 1:

@@ -12,7 +12,7 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
          batch_sizes: list[int] = (1, 2, 4, 8, 16), prompt_len: int = 128,
          new_tokens: int = 64, repeats: int = 3, warmup: int = 1, hf: bool = True, threads: int | None = None,
          draft: str | None = None, prompt_lookup: int | None = None, speculate_k: int = 4,
-         out: str = "bench.json", plot: str | None = None) -> None:
+         out: str = "bench.json", plot: str | None = None, tp: int | None = None) -> None:
     """Measure prefill and decode speed, time to first token, memory and bandwidth for each batch size.
 
     Decoding reads all the weights once per step, so the table also gives the bandwidth that achieves and
@@ -47,16 +47,21 @@ def main(*, model: str | None = None, dtype: str | None = None, device: str = "c
         speculate_k: with --draft or --prompt-lookup, draft tokens per target pass.
         out: the JSON file of all results.
         plot: a PNG of tokens/s against batch size (default: the JSON's path with .png).
+        tp: tensor parallelism across this many processes started by torchrun (torchrun --standalone
+            --nproc-per-node N --no-python modelcode bench ... --tp N --no-hf); rank 0 prints and writes the files.
     """
     from modelcode.bench.report import plot as draw
     from modelcode.bench.report import table
     from modelcode.bench.run import Settings, bench
+    from modelcode.parallel.ranks import is_first_rank
 
     settings = Settings(model, dtype, device, compile, freeze, autotune, steps_per_call, quantize, group_size,
                         quantize_head, tuple(batch_sizes), prompt_len, new_tokens, repeats, warmup, hf, threads,
-                        draft=draft, prompt_lookup=prompt_lookup, speculate_k=speculate_k)
+                        draft=draft, prompt_lookup=prompt_lookup, speculate_k=speculate_k, tp=tp)
     result = bench(settings, log=lambda line: print(line, file=sys.stderr))
     print(table(result))
+    if not is_first_rank():
+        return
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")

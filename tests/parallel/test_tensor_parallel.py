@@ -136,6 +136,11 @@ def test_world_size_that_differs_from_tp(monkeypatch, capsys):
                                        "--nproc-per-node 2, or pass --tp 4\n")
 
 
+def test_bench_with_tp_measures_our_model_alone(capsys):
+    assert run_cli("bench", "--tp", "2") == 2  # transformers would be benched too: checked before any process joins
+    assert "--tp measures our model alone, as loaded: add --no-hf" in capsys.readouterr().err
+
+
 def test_cli_under_torchrun_prints_once():
     """`torchrun ... modelcode generate --tp 2` prints what the one-process command prints, once."""
     args = ["generate", "Once upon a time", "--max-new-tokens", "16", "--dtype", "float32"]
