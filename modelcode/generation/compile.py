@@ -31,6 +31,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from modelcode.errors import ArgumentError
 from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
 from modelcode.layers import KVCache, StaticKVCache
@@ -98,7 +99,7 @@ class CompiledModel:
             raise ValueError(f"max_seq_len={max_seq_len} for the compiled cache must be between 2 and the model's "
                              f"context ({context} positions)")
         if steps_per_call is not None and steps_per_call < 1:
-            raise ValueError(f"steps_per_call must be at least 1, got {steps_per_call}")
+            raise ArgumentError("steps_per_call", f"must be at least 1, got {steps_per_call}")
         self.model = model
         self.max_seq_len = max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
         self.config = dataclasses.replace(model.config, max_seq_len=self.max_seq_len)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from modelcode.errors import CheckpointError
+from modelcode.errors import ArgumentError, CheckpointError
 
 ImageInput = str | Path | Image.Image
 
@@ -123,7 +123,7 @@ class ImageClassifier:
         if isinstance(images, (str, Path, Image.Image)):
             return self.classify([images], top_k)[0]
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise ArgumentError("top_k", f"must be at least 1, got {top_k}")
         probs = self.model(self.pixels(images)).float().softmax(-1)  # (B, num_labels)
         top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [[(self.labels[i], p) for p, i in zip(ps.tolist(), ids.tolist(), strict=True)]

@@ -107,7 +107,7 @@ class Embedder:
         if isinstance(texts, str):
             return self.embed([texts], truncate, batch_size)[0]
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise ArgumentError("batch_size", f"must be at least 1, got {batch_size}")
         ids = self.encode(check_texts(texts), truncate)  # every length is checked before any work is done
         rows = []
         for start in range(0, len(ids), batch_size):
@@ -136,7 +136,7 @@ class Embedder:
         """For each [MASK] in `text`, the `top_k` most probable tokens as [(token, probability), ...]."""
         check_texts([text])
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise ArgumentError("top_k", f"must be at least 1, got {top_k}")
         mask_token = self.special["mask"]
         ids = self.encode([text])[0]
         where = [i for i, t in enumerate(ids) if t == self._id("mask")]

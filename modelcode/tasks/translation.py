@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from modelcode.errors import CheckpointError
+from modelcode.errors import ArgumentError, CheckpointError
 from modelcode.models.transformer import Transformer, TransformerConfig
 from modelcode.tasks.seq2seq import SearchSettings, beam_search, greedy_search
 from modelcode.tokenization import Tokenizer
@@ -130,11 +130,11 @@ class Translator:
         d, c = self.defaults, self.config
         max_new_tokens = min(d.max_length - 1, c.max_seq_len) if max_new_tokens is None else max_new_tokens
         if not 1 <= max_new_tokens <= c.max_seq_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: this model has positions for 1 to {c.max_seq_len} "
-                             "target tokens")
+            raise ArgumentError("max_new_tokens", f"is {max_new_tokens}, but this model has positions for 1 to "
+                                f"{c.max_seq_len} target tokens")
         beams = d.num_beams if beams is None else beams
         if beams < 1:
-            raise ValueError(f"beams must be at least 1, got {beams}")
+            raise ArgumentError("beams", f"must be at least 1, got {beams}")
         return SearchSettings(max_new_tokens=max_new_tokens, eos_id=c.eos_id, pad_id=c.pad_id,
                               decoder_start_id=c.decoder_start_id, num_beams=beams, length_penalty=d.length_penalty,
                               early_stopping=d.early_stopping, bad_ids=d.bad_words_ids, forced_eos_ids=d.forced_eos_ids,

@@ -204,7 +204,7 @@ def test_text_too_long(translator):
 
 
 def test_max_new_tokens_out_of_range(translator):
-    with pytest.raises(ValueError, match="max_new_tokens=49: this model has positions for 1 to 48 target tokens"):
+    with pytest.raises(ValueError, match="max_new_tokens is 49, but this model has positions for 1 to 48 target"):
         translator.translate("a dog", max_new_tokens=49)
 
 
