@@ -8,6 +8,7 @@ The build takes ~25 s once per machine (cached under ~/.cache/modelcode/, keyed 
 instructions, the build fails, or MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
 """
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -45,6 +46,16 @@ def build_directory() -> Path:
     return cache / "modelcode" / f"cpu-kernels-{key.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on `path` (flock: released when this process ends, however it ends)."""
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 @functools.cache
 def kernels_available() -> bool:
     """Build (once per machine, saying so) and load the kernels once per process; False where they cannot run
@@ -65,8 +76,13 @@ def kernels_available() -> bool:
     try:
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on the PATH")
-        load(NAME, SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
-             is_python_module=False)
+        with exclusive(folder / "build.flock"):
+            # PyTorch's own lock is a file that a build killed midway leaves behind, and every later process then
+            # waits for it forever; ours is released by the OS when its process dies, and while we hold it no
+            # build is running, so theirs can only be stale.
+            (folder / "lock").unlink(missing_ok=True)
+            load(NAME, SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                 is_python_module=False)
     except Exception as e:  # no compiler, no headers, ...: PyTorch's own kernels still work
         failed.write_text(str(e))
         print(" failed" if not built else "", file=sys.stderr)
