@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from modelcode.loading import build
+from modelcode.loading.save import to_checkpoint_names
 from modelcode.loading.weight_maps import llama as llama_maps
 from modelcode.models.llama import Llama, LlamaConfig
 
@@ -73,20 +74,6 @@ def hf_config(config: LlamaConfig):
     return transformers.LlamaConfig(**kw, attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
 
 
-def to_hf_names(state: dict[str, torch.Tensor], weight_map: dict) -> dict[str, torch.Tensor]:
-    """Our parameter names -> the checkpoint's, through the inverse of a weight map of plain renames."""
-    inverse = {ours: theirs for theirs, ours in weight_map.items() if isinstance(ours, str)}
-    out = {}
-    for name, t in state.items():
-        parts = name.split(".")
-        layer = next((p for p in parts if p.isdigit()), None)
-        pattern = ".".join("{}" if p.isdigit() else p for p in parts)
-        if pattern not in inverse:
-            raise KeyError(f"no checkpoint name for {name!r} in the weight map (is it a plain rename?)")
-        out[inverse[pattern].replace("{}", layer or "", 1)] = t
-    return out
-
-
 def hf_twin(model: nn.Module, folder: Path | None = None) -> nn.Module:
     """transformers' model of our model, sharing its weight tensors (no copy). Llama-family models of any
     origin go through the inverse weight map; other architectures load their folder with from_pretrained."""
@@ -104,7 +91,7 @@ def hf_twin(model: nn.Module, folder: Path | None = None) -> nn.Module:
     config = hf_config(model.config)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=p.dtype)
-    state = to_hf_names(model.state_dict(), llama_maps.HF)
+    state = to_checkpoint_names(model.state_dict(), llama_maps.HF)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied below
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)

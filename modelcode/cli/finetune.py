@@ -75,7 +75,7 @@ def main(*, data: str, out: str, model: str = "tinystories-656k", method: Litera
     print(f"{len(d.train)} training and {len(d.val)} validation examples; {d.truncated} cut to the context, "
           f"{d.skipped} skipped; {n_train:,} of {n_all:,} parameters trained")
     last = result.log[-1]
-    print(f"{len(result.log)} steps, last train loss {last['loss']:.4f}"
+    print(f"{last['step']} steps, last train loss {last['loss']:.4f}"
           + (f", validation loss {last['val_loss']:.4f} (perplexity {last['val_ppl']:.2f})" if "val_loss" in last
              else ""))
     if prompt:

@@ -12,17 +12,17 @@ from modelcode.loading.weight_maps import compile_map, invert, lookup
 from modelcode.quantization.quantize import copy_non_weight_files
 
 
-def checkpoint_state(model: nn.Module, weight_map: dict) -> dict[str, torch.Tensor]:
-    """{checkpoint name: tensor} of a model's parameters (a tied weight once, under its first name)."""
+def to_checkpoint_names(tensors: dict[str, torch.Tensor], weight_map: dict) -> dict[str, torch.Tensor]:
+    """{our name: tensor} -> {checkpoint name: tensor}, through the inverse of the weight map."""
     inverse = compile_map(invert(weight_map))
-    state = {}
-    for ours, p in model.named_parameters():
+    out = {}
+    for ours, t in tensors.items():
         rule = lookup(inverse, ours)
         if not rule or len(rule[0]) != 1:
-            raise CheckpointError(f"parameter {ours!r} of {type(model).__name__} has no plain name in the "
-                                  "checkpoint layout (its weight map transforms it): it cannot be saved as is")
-        state[rule[0][0]] = p.detach().contiguous().cpu()
-    return state
+            raise CheckpointError(f"no checkpoint name for {ours!r} in the weight map (only plain renames invert): "
+                                  "it cannot be saved in the checkpoint's layout")
+        out[rule[0][0]] = t
+    return out
 
 
 def save_checkpoint(model: nn.Module, weight_map: dict, source: str | Path, out: str | Path) -> Path:
@@ -34,5 +34,6 @@ def save_checkpoint(model: nn.Module, weight_map: dict, source: str | Path, out:
                          "weights would be overwritten")
     out.mkdir(parents=True, exist_ok=True)
     copy_non_weight_files(source, out)
-    save_file(checkpoint_state(model, weight_map), out / "model.safetensors", metadata={"format": "pt"})
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
+    save_file(to_checkpoint_names(tensors, weight_map), out / "model.safetensors", metadata={"format": "pt"})
     return out

@@ -35,7 +35,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float | None = 1.0  # max gradient norm
     eval_every: int = 50  # steps between validations (and one at the end)
-    save_every: int | None = None  # steps between training-state checkpoints (and one at the end)
+    save_every: int | None = None  # steps between training-state checkpoints (and one at the end, and on Ctrl-C)
     seed: int = 0
     autocast: bool = False  # bfloat16 autocast of the forward pass
     checkpoint_activations: bool = False
@@ -132,22 +132,33 @@ class Trainer:
                 self._write({"step": 0} | evaluate(self.model, self.val_set, self.cfg.batch_size, self.cfg.autocast,
                                                    self.pad_id))
         self.model.train()
+        self.rng = torch.get_rng_state()  # the random stream where the next step begins
         bar = tqdm(total=len(self.steps), initial=self.step, desc="fine-tuning", unit="step")
-        while self.step < len(self.steps):
-            record = self.train_step(self.steps[self.step])
-            self.step += 1
-            last = self.step == len(self.steps)
-            if self.val_set and (self.step % self.cfg.eval_every == 0 or last):
-                record |= evaluate(self.model, self.val_set, self.cfg.batch_size, self.cfg.autocast, self.pad_id)
-            self._write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update()
-            if last or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
-                self.save_state()
-        bar.close()
+        try:
+            while self.step < len(self.steps):
+                self._advance(bar)
+        except KeyboardInterrupt:
+            self.save_state()  # as after the last whole step: --resume goes on from there
+            raise
+        finally:
+            bar.close()
         self.model.eval()
         plot_losses(self.log, self.out / "loss.png")
         return self.log
+
+    def _advance(self, bar: tqdm) -> None:
+        """One optimizer step, then validation, the log, the progress bar and the state, when due."""
+        record = self.train_step(self.steps[self.step])
+        self.step += 1
+        self.rng = torch.get_rng_state()
+        last = self.step == len(self.steps)
+        if self.val_set and (self.step % self.cfg.eval_every == 0 or last):
+            record |= evaluate(self.model, self.val_set, self.cfg.batch_size, self.cfg.autocast, self.pad_id)
+        self._write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update()
+        if last or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
+            self.save_state()
 
     def backward(self, micro_batches: list[list[int]]) -> float:
         """Accumulate the gradient of one optimizer step's loss over its micro-batches; returns the loss."""
@@ -186,7 +197,7 @@ class Trainer:
         state = {"step": self.step, "config": asdict(self.cfg), "params": {n: p.detach() for n, p in
                                                                           self.params.items()},
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "log": self.log}
+                 "rng": self.rng, "log": self.log}
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # never a half-written state
         return path

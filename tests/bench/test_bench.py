@@ -10,9 +10,11 @@ from PIL import Image
 
 from modelcode.bench.report import table
 from modelcode.bench.run import Settings, bench
-from modelcode.bench.subjects import hf_twin, random_weights, to_hf_names, weight_bytes
+from modelcode.bench.subjects import hf_twin, random_weights, weight_bytes
 from modelcode.cli.__main__ import main as cli
+from modelcode.errors import CheckpointError
 from modelcode.layers import RopeScaling
+from modelcode.loading.save import to_checkpoint_names
 from modelcode.loading.weight_maps import llama as llama_maps
 from modelcode.models.llama import Llama, LlamaConfig
 
@@ -61,8 +63,8 @@ def test_weight_bytes_leave_out_an_untied_embedding():
 
 
 def test_unknown_name_in_the_inverse_weight_map_is_named():
-    with pytest.raises(KeyError, match="no checkpoint name for 'layers.0.attention.rope.freqs'"):
-        to_hf_names({"layers.0.attention.rope.freqs": torch.zeros(1)}, llama_maps.HF)
+    with pytest.raises(CheckpointError, match="no checkpoint name for 'layers.0.attention.rope.freqs'"):
+        to_checkpoint_names({"layers.0.attention.rope.freqs": torch.zeros(1)}, llama_maps.HF)
 
 
 def test_bench_cli_writes_sane_json_table_and_plot(tmp_path, capsys):

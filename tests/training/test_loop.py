@@ -104,8 +104,9 @@ def test_activation_checkpointing_gives_the_same_gradients(hf_folder, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(hf_folder, tmp_path):
-    """Stop a run after its checkpoint at step 2, resume it: the log and the weights equal a run without a stop
-    (dropout on, so the random stream must be restored too)."""
+    """Interrupt a run during step 4 (after a periodic checkpoint at step 2; Ctrl-C saves the state after step
+    3), resume it: the log and the weights equal a run without a stop (dropout on, so the random stream must be
+    restored too)."""
     data, val = examples(12), examples(2, seed=1)
     cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=5, warmup_steps=2, save_every=2, eval_every=2)
 
@@ -120,14 +121,16 @@ def test_resumed_run_equals_uninterrupted_run(hf_folder, tmp_path):
     interrupted = Trainer(model(), data, val, cfg, tmp_path / "b")
     step = interrupted.train_step
 
-    def crash_at_step_3(micro):
-        if interrupted.step == 2:
+    def interrupt_step_4(micro):
+        if interrupted.step == 3:
+            torch.rand(5)  # dropout's stream moved on before the interrupt
             raise KeyboardInterrupt
         return step(micro)
 
-    interrupted.train_step = crash_at_step_3
+    interrupted.train_step = interrupt_step_4
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
+    assert torch.load(tmp_path / "b" / "training" / "state.pt", weights_only=True)["step"] == 3
     resumed = Trainer(model(), data, val, cfg, tmp_path / "b")
     resumed.run(resume=True)
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
