@@ -51,11 +51,13 @@ def main(*, data: str, out: str, model: str = "tinystories-656k", method: Litera
         dtype: the weights' dtype while training (default float32; bfloat16 with --quantize).
         device: cpu, cuda, ...
         resume: continue the run saved in OUT/training/state.pt, with the same settings.
-        sample: a prompt (an instruction, through the same template) to answer greedily before and after.
+        sample: a request to answer greedily before and after training, asked as the data asks (a user message
+            for chat records, an instruction through Alpaca's template for instruction records).
         max_new_tokens: length of the sample's answers.
     """
-    from modelcode.training.data import instruction_prompt
-    from modelcode.training.finetune import FinetuneConfig, finetune, load_for_training
+    import modelcode
+    from modelcode.training.data import read_records
+    from modelcode.training.finetune import FinetuneConfig, finetune
     from modelcode.training.loop import TrainConfig
     from modelcode.training.lora import LoRAConfig
 
@@ -64,11 +66,9 @@ def main(*, data: str, out: str, model: str = "tinystories-656k", method: Litera
                         warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip, eval_every=eval_every,
                         save_every=save_every, seed=seed, autocast=bf16, checkpoint_activations=checkpoint_activations)
     cfg = FinetuneConfig(method, lora, train, quantize, max_len, too_long, pack, val_fraction, dtype, device)
-    prompt = instruction_prompt(sample) if sample else None
-    if prompt:
-        base, _ = load_for_training(model, FinetuneConfig(method="full", dtype="float32", device=device))
-        print(f"before: {_answer(base, prompt, max_new_tokens)!r}")
-        del base
+    as_chat = sample is not None and "messages" in read_records(data)[0]  # ask the way the data does
+    if sample:
+        print(f"before: {_answer(modelcode.load(model, device=device), sample, as_chat, max_new_tokens)!r}")
     result = finetune(model, data, out, cfg, resume)
     d = result.data
     n_train, n_all = result.trained
@@ -78,11 +78,19 @@ def main(*, data: str, out: str, model: str = "tinystories-656k", method: Litera
     print(f"{last['step']} steps, last train loss {last['loss']:.4f}"
           + (f", validation loss {last['val_loss']:.4f} (perplexity {last['val_ppl']:.2f})" if "val_loss" in last
              else ""))
-    if prompt:
-        print(f"after:  {_answer(result.lm, prompt, max_new_tokens)!r}")
+    if sample:
+        print(f"after:  {_answer(result.lm, sample, as_chat, max_new_tokens)!r}")
     print(f"wrote {result.out} (Hugging Face layout" + (", adapter/ in peft's format" if method == "lora" else "")
           + ", log.jsonl, loss.png)")
 
 
-def _answer(lm, prompt: str, max_new_tokens: int) -> str:
-    return lm.text_completion([prompt], max_new_tokens=max_new_tokens, temperature=0.0)[0]["generation"]
+def _answer(lm, sample: str, as_chat: bool, max_new_tokens: int) -> str:
+    """The greedy answer to `sample`: as a user message through the chat format, or as an instruction through
+    Alpaca's template."""
+    from modelcode.training.data import instruction_prompt
+
+    if as_chat:
+        dialog = [{"role": "user", "content": sample}]
+        return lm.chat_completion([dialog], max_new_tokens=max_new_tokens, temperature=0.0)[0]["generation"]["content"]
+    return lm.text_completion([instruction_prompt(sample)], max_new_tokens=max_new_tokens,
+                              temperature=0.0)[0]["generation"]

@@ -86,7 +86,7 @@ def load_adapter(model: nn.Module, folder: str | Path, weight_map: dict) -> LoRA
         tensors = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from e
-    apply_lora(model, LoRAConfig(config.r, config.alpha, 0.0, _regex_free(config.targets), config.use_rslora),
+    apply_lora(model, LoRAConfig(config.r, config.alpha, 0.0, _our_targets(config.targets), config.use_rslora),
                weight_map)
     forward = compile_map(weight_map)
     layers = lora_layers(model)
@@ -104,7 +104,7 @@ def load_adapter(model: nn.Module, folder: str | Path, weight_map: dict) -> LoRA
     return config
 
 
-def _regex_free(targets: tuple[str, ...]) -> tuple[str, ...]:
+def _our_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
     """peft's target_modules "all-linear" means every projection of the blocks (the head is never adapted)."""
     return ("all",) if "all-linear" in targets else targets
 

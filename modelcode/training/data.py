@@ -156,25 +156,23 @@ def load_dataset(path: str | Path, tok: Tokenizer, chat: ChatFormat, max_len: in
     return data
 
 
-def pack(examples: list[Example], max_len: int) -> list[Example]:
-    """Concatenate examples into rows of at most `max_len` tokens (first fit, in order). Each keeps its own
-    positions from 0, which is what keeps them apart: attention treats a position that does not follow the one
-    before it as the start of another sequence (see `layers/attention.py: causal_mask`)."""
-    rows: list[tuple[Example, list[int]]] = []
-    for ex in examples:
-        row = next((r for r in rows if len(r[0].tokens) + len(ex.tokens) <= max_len), None)
-        if row is None:
-            rows.append((Example([], []), []))
-            row = rows[-1]
-        row[0].tokens.extend(ex.tokens)
-        row[0].targets.extend(ex.targets)
-        row[1].extend(range(len(ex.tokens)))
-    return [PackedExample(ex.tokens, ex.targets, positions) for ex, positions in rows]
-
-
 @dataclass
 class PackedExample(Example):
-    positions: list[int]
+    positions: list[int]  # each packed example's own positions, from 0
+
+
+def pack(examples: list[Example], max_len: int) -> list[PackedExample]:
+    """Concatenate examples, in order, into rows of at most `max_len` tokens (a new row when the next one does
+    not fit). Each keeps its own positions from 0, which is what keeps them apart: attention treats a position
+    that does not follow the one before it as the start of another sequence (`layers/attention.py: causal_mask`)."""
+    rows: list[PackedExample] = []
+    for ex in examples:
+        if not rows or len(rows[-1].tokens) + len(ex.tokens) > max_len:
+            rows.append(PackedExample([], [], []))
+        rows[-1].tokens.extend(ex.tokens)
+        rows[-1].targets.extend(ex.targets)
+        rows[-1].positions.extend(range(len(ex.tokens)))
+    return rows
 
 
 def collate(examples: list[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:

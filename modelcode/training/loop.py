@@ -106,6 +106,8 @@ class Trainer:
                  pad_id: int = 0):
         self.model, self.train_set, self.val_set, self.cfg, self.pad_id = model, train, val, cfg, pad_id
         self.out = Path(out)
+        if not train:
+            raise ValueError("no training examples: give more records, or hold fewer out (--val-fraction)")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("no parameter requires grad: nothing to train")

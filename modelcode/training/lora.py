@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.quantization import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8
+from modelcode.quantization import (
+    Int4Linear,
+    Int8Linear,
+    PackedInt4Linear,
+    PackedInt8Linear,
+    dequantize_int4,
+    dequantize_int8,
+)
 from modelcode.swap import replace_module
 
 QUANTIZED = (Int8Linear, Int4Linear)
@@ -110,6 +117,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, weight_map: dict) -> list[s
     names. Only the adapters' A and B require grad afterwards; gradients flow through int8 and int4 layers."""
     if config.r < 1:
         raise ValueError(f"LoRA rank r={config.r}: it must be at least 1")
+    if any(isinstance(m, PackedInt8Linear | PackedInt4Linear) for m in model.modules()):
+        raise ValueError("this model's quantized layers are packed for a kernel, which LoRA does not wrap: load the "
+                         "original checkpoint and quantize it for training (--quantize, or quantize(pack=False))")
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():

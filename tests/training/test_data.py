@@ -134,11 +134,11 @@ def test_bad_data_says_what_is_wrong(lm, tmp_path, lines, message):
         load_dataset(write(tmp_path, lines), lm.tokenizer, lm.chat_format, 64)
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path):
     path = write(tmp_path, ["[oops"], name="bad.json")
     for extra, message in ((["--data", str(path)], "bad.json:1: not JSON"),
                            (["--data", str(write(tmp_path, [{"instruction": "a", "output": "b"}])),
                              "--lora-targets", "nope"], "unknown LoRA target layer(s) 'nope'")):
         run = subprocess.run([sys.executable, "-m", "modelcode.cli", "finetune", "--out", str(tmp_path / "o"), *extra],
                              capture_output=True, text=True)
-        assert run.returncode != 0 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr

@@ -70,7 +70,7 @@ def test_output_folder_must_be_new(run):
     out, _ = run
     done = subprocess.run([sys.executable, "-m", "modelcode.cli", "finetune", "--data", str(DATA), "--out", str(out)],
                           capture_output=True, text=True)
-    assert done.returncode != 0 and "is not empty: choose a new one, or --resume" in done.stderr
+    assert done.returncode == 2 and "is not empty: choose a new one, or --resume" in done.stderr
 
 
 def test_full_fine_tuning_and_qlora_write_loadable_folders(tmp_path):
