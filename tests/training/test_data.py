@@ -59,8 +59,7 @@ def test_chat_record_trains_on_every_assistant_turn_only(lm):
     assert spans == [": Hello there.\n\n", ": Once upon a time.\n\n<|end_story|>"]
 
 
-def test_jinja_chat_template_masks_headers(tmp_path):
-    """A checkpoint with a ChatML template: the assistant's header is prompt, its reply and <|im_end|> are trained."""
+def test_chatml_trains_the_reply_and_its_end_of_turn_not_the_header():
     from modelcode.tokenization import load_chat_format, load_tokenizer
 
     folder = "tests/assets/tokenizers/qwen2-tokenizer"
@@ -68,9 +67,8 @@ def test_jinja_chat_template_masks_headers(tmp_path):
     chat = load_chat_format(folder, tok)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     ids, trained = render({"messages": messages}, 1, tok, chat)
-    assert tok.decode([i for i, t in zip(ids, trained) if t]) == "Hello.<|im_end|>\n" or \
-        tok.decode([i for i, t in zip(ids, trained) if t]) == "Hello.<|im_end|>"
-    assert tok.decode(ids[: trained.index(True)]).endswith("<|im_start|>assistant\n")
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == "Hello.<|im_end|>\n"
+    assert tok.decode(ids[: trained.index(True)]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_packed_examples_do_not_see_each_other(lm, tmp_path):
