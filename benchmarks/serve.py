@@ -1,7 +1,7 @@
 """`modelcode serve` under concurrent HTTP clients, beside the engine driven directly, in one run.
 
     python benchmarks/serve.py [--preset llama-1b] [--dtype bfloat16] [--requests 4] [--new-tokens 32]
-                               [--prompt-len 128] [--concurrency 1 4 16 64] [--rounds 3]
+                               [--prompt-len 128] [--concurrency 1 4 16 64] [--repeats 3]
 
 One model (random weights of a named shape; the Llama 2 tokenizer of tests/assets turns ids into text) in
 this process, served by uvicorn in a thread; the clients run in a child process (aiohttp), so they do not
@@ -9,7 +9,7 @@ share this process's interpreter lock. For each concurrency C, C streaming clien
 completions of --prompt-len random token ids, --new-tokens each (ignore_eos, greedy), pulling from one queue:
 output tokens/s over the wall time, time to first token and inter-token latency (p50, p99) as the clients
 see them. Beside it, the same model's engine alone (benchmarks/serving.py's step loop) runs the same
-requests with max_batch_size C. Served and alone alternate for --rounds rounds; each figure is the median of
+requests with max_batch_size C. Served and alone alternate for --repeats rounds; each figure is the median of
 the rounds, and "served / alone" the median of the rounds' own ratios: what HTTP, SSE and the asyncio front
 cost. Writes benchmarks/results/serve.json.
 """
@@ -94,7 +94,7 @@ def measure(lm: LM, url: str, args, c: int) -> dict:
     n = max(c, args.requests)
     prompts = [(p, 0.0) for p in make_prompts(n, args.prompt_len, args.vocab)]
     rounds = []
-    for _ in range(args.rounds):
+    for _ in range(args.repeats):
         s = served(url, args, n, c, args.new_tokens)
         alone = run_engine(lm, prompts, args.new_tokens, c)["output_tokens_per_s"]
         rounds.append(dict(s, alone_output_tokens_per_s=alone, served_vs_alone=s["output_tokens_per_s"] / alone))
@@ -123,7 +123,7 @@ def start_server(lm: LM, max_batch_size: int) -> str:
 
 def write(args, runs: list[dict]) -> None:
     results = dict(model=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                   rounds=args.rounds, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                   repeats=args.repeats, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                    runs=sorted(runs, key=lambda r: r["concurrency"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
@@ -137,7 +137,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     ap.add_argument("--drive", help=argparse.SUPPRESS)  # the child process: the server's URL
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
