@@ -48,11 +48,13 @@ def build_directory() -> Path:
 
 @contextlib.contextmanager
 def exclusive(path: Path):
-    """Hold an exclusive lock on `path` (flock: released when this process ends, however it ends)."""
+    """Hold an exclusive lock on `path` (flock: released when this process ends, however it ends), where the file
+    system has locks."""
     import fcntl
 
     with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a file system without locks (some network mounts): build unguarded
+            fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
 
@@ -113,6 +115,18 @@ def kernels_available() -> bool:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return True
+
+
+def why_unavailable() -> str | None:
+    """Why `kernels_available` says no here, in one line; None where it says yes or has not been asked."""
+    if os.environ.get("MODELCODE_NO_CPU_KERNELS"):
+        return "MODELCODE_NO_CPU_KERNELS is set"
+    if not set(NEEDED_CPU_FLAGS) <= cpu_flags():
+        return f"this CPU lacks {', '.join(sorted(set(NEEDED_CPU_FLAGS) - cpu_flags()))}"
+    failed = build_directory() / "build-failed.log"
+    if failed.exists():
+        return f"the build failed ({failed}): {failed.read_text().strip()[-300:]}"
+    return None
 
 
 @torch.compiler.assume_constant_result

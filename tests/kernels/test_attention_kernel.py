@@ -7,10 +7,11 @@ import torch
 
 from modelcode.kernels import kernels_available
 from modelcode.kernels.attention import CPUDecodeAttention, swap_decode_attention
-from modelcode.kernels.cpu import decode_attention, decode_attention_fits
+from modelcode.kernels.cpu import decode_attention, decode_attention_fits, why_unavailable
 from modelcode.layers.attention import ScaledDotProductAttention, attend, causal_mask
 
-KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
+KERNELS = pytest.mark.skipif(not kernels_available(),
+                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def reference(q, k, v, mask):

@@ -7,9 +7,10 @@ from torch import nn
 
 import modelcode
 from modelcode.kernels import PackedBF16Linear, kernels_available, pack_bf16_linears
-from modelcode.kernels.cpu import pack_bf16, unpack_lanes
+from modelcode.kernels.cpu import pack_bf16, unpack_lanes, why_unavailable
 
-KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
+KERNELS = pytest.mark.skipif(not kernels_available(),
+                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def test_bf16_layout_round_trips():

@@ -7,11 +7,13 @@ import torch
 import modelcode
 from modelcode.api import EMBEDDED
 from modelcode.kernels import kernels_available, pack_bf16_linears
+from modelcode.kernels.cpu import why_unavailable
 from modelcode.kernels.fuse import FusedSameInput, fuse_projections
 from modelcode.layers import SameInput
 from modelcode.quantization import quantize, save_quantized
 
-KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
+KERNELS = pytest.mark.skipif(not kernels_available(),
+                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def prepared(mode: str):

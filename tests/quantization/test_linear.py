@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcode.kernels.cpu import kernels_available, unpack_lanes
+from modelcode.kernels.cpu import kernels_available, unpack_lanes, why_unavailable
 from modelcode.quantization import (
     Int4Linear,
     Int8Linear,
@@ -20,7 +20,8 @@ from modelcode.quantization import (
 from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-OUR_KERNELS = pytest.mark.skipif(not kernels_available(), reason="modelcode's CPU kernels need AVX512-BF16 and VNNI")
+OUR_KERNELS = pytest.mark.skipif(not kernels_available(),
+                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def linear(in_features, out_features, bias=False, dtype=torch.float32, seed=0):
@@ -129,6 +130,7 @@ def test_our_int8_cpu_kernel_matches_the_float_matmul():
     torch.testing.assert_close(packed(x), q8(x), atol=1e-2 * q8(x).abs().max().item(), rtol=0)
 
 
+@OUR_KERNELS
 def test_int8_layers_the_kernel_does_not_take_stay_portable():
     q8 = Int8Linear.from_linear(linear(384, 72, dtype=torch.bfloat16))  # 72 outputs: not a multiple of 64
     assert q8.pack() is q8
