@@ -23,7 +23,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
         device: cpu, cuda, cuda:1, ...
         compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
-            The first reply waits for the compilation (a minute or more on CPU).
+            It compiles before the first turn (a minute or more on CPU), saying so.
         tp: tensor parallelism: split the model across this many processes, started by torchrun
             (torchrun --standalone --nproc-per-node N --no-python modelcode chat --tp N); rank 0 reads and prints.
     """
@@ -34,8 +34,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
 
     lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
     if compile:
-        lm.compile()
-        print("[--compile: the first generation compiles; its time is included below]", file=sys.stderr)
+        compile_for_chat(lm, system)
     session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)
@@ -66,3 +65,15 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         reply = len(session.history) - len(session.prompt)
         print(f"[prefilled {session.prefilled} tokens in {session.prefill_seconds:.2f} s; replied {reply} tokens in "
               f"{time.perf_counter() - start:.2f} s]", file=sys.stderr)
+
+
+def compile_for_chat(lm, system: str | None) -> None:
+    """Compile the decode step with a two-token throwaway reply, saying so, so that no turn waits for it."""
+    from modelcode.generation.session import ChatSession
+
+    print("[--compile: compiling the decode step (a minute or more on CPU) ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    lm.compile()
+    for _ in ChatSession(lm, system, max_new_tokens=2, temperature=0).send("Hello"):
+        pass
+    print(f" done in {time.perf_counter() - start:.0f} s]", file=sys.stderr)

@@ -38,7 +38,7 @@ def main(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
     failed: list[Exception] = []
 
     def load() -> Engine:
-        lm = modelcode.load(model, dtype=dtype, device=device)
+        lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm")
         return Engine(lm, max_batch_size=max_batch_size, max_batched_tokens=max_batched_tokens,
                       kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30), max_seq_len=max_seq_len)
 

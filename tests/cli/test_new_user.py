@@ -3,6 +3,7 @@ status 2, no traceback), on the command line and in the Python API."""
 
 import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -157,3 +158,13 @@ def test_interrupted_quantize_leaves_nothing_half_written(capsys, tmp_path, monk
     monkeypatch.undo()
     cli(["quantize", "tinystories-656k", "--mode", "int8", "--out", str(tmp_path / "q"), "--no-report"])
     assert modelcode.load(tmp_path / "q").text_completion(["Once"], max_new_tokens=3)[0]["tokens"]
+
+
+def test_chat_compile_compiles_before_the_first_turn(capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(modelcode.lm.LM, "compile", lambda self, *a, **k: compiled.append(self) or self)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hello\n"))
+    cli(["chat", "--compile", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert len(compiled) == 1
+    assert re.search(r"^\[--compile: compiling the decode step .* done in \d+ s\]\nChatting with ", err, re.M), err

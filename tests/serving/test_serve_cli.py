@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
+import pytest
 import requests
+import transformers
 
 
 def free_port() -> int:
@@ -59,8 +61,16 @@ def test_sigterm_drains_a_running_stream_then_exits():
     assert "Waiting for connections to close" in output or "Shutting down" in output, output
 
 
-def test_a_model_that_does_not_load_is_one_line_and_status_2():
-    r = subprocess.run([sys.executable, "-m", "modelcode.cli", "serve", "--model", "/no/such/folder", "--port",
+@pytest.mark.parametrize("folder, message", [
+    ("/no/such/folder", "checkpoint folder not found"),
+    ("vit", "holds a ViT, not a causal language model: it is an image classifier, for modelcode classify"),
+])
+def test_a_model_that_does_not_load_is_one_line_and_status_2(folder, message, tmp_path):
+    if folder == "vit":
+        folder = tmp_path
+        transformers.ViTConfig().save_pretrained(folder)  # the kind is known before any weight is read
+    r = subprocess.run([sys.executable, "-m", "modelcode.cli", "serve", "--model", str(folder), "--port",
                         str(free_port())], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("modelcode serve: error: checkpoint folder not found")
+    assert r.stderr.strip().splitlines()[-1].startswith("modelcode serve: error: "), r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
