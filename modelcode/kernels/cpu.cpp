@@ -53,6 +53,9 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <cstdlib>
+#include <string>
 #include <torch/extension.h>
 
 #include "bf16.h"
@@ -63,10 +66,21 @@ constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so th
 // The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
 // and int4 kernels spend longer on each line, so they ask further ahead (int8 on one thread: +20-30%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
-// ... as non-temporal data: weights read once per step, kept out of the outer caches, no longer evict what the
-// rest of the decoding step runs on (compiled llama-1b int8 and int4: ~1.05-1.1x faster per step). bfloat16
-// keeps T1: its runs of rows reread each run from cache.
-constexpr auto kQuantizedPrefetchHint = _MM_HINT_NTA;
+// ... as non-temporal data on AMD's cores: weights read once per step, kept out of the outer caches, no longer evict
+// what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster per step).
+// On Intel's server cores a non-temporal line skips L2 and the stream runs at half speed (llama-1b's int8 shapes:
+// 10 against 22 GB/s), so there they are asked for into every level. cpu.py chooses by the CPU's vendor, through
+// MODELCODE_QUANTIZED_PREFETCH ("nta" or "t0"), read once when the library loads. bfloat16 keeps T1: its runs of
+// rows reread each run from cache.
+const bool kQuantizedNonTemporal = [] {
+  const char* v = std::getenv("MODELCODE_QUANTIZED_PREFETCH");
+  return !(v && std::string(v) == "t0");
+}();
+
+inline void prefetch_quantized(const void* p) {
+  if (kQuantizedNonTemporal) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_NTA);
+  else _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
 // (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
 // so that it streams in from memory while the later groups compute. Much longer runs leave the memory idle
@@ -119,7 +133,7 @@ void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const int
   for (int64_t c = 0; c < K / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
     const int8_t* wc = w + c * 64 * kBlocks;
     for (int line = 0; line < kBlocks; ++line) {
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
+      prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
     }
     const int8_t* d = digits + 3 * (c / 16 * 64) + c % 16 * 4;  // see int8_digits for the layout
     __m512i digit[3];
@@ -219,7 +233,7 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
       for (int h = 0; h < 4; ++h) xh[h] = (__m512bh)_mm512_set1_epi32(pairs[4 * c + h]);  // inputs 8c+2h, +1
       const uint8_t* wc = w + c * 64 * kBlocks;
       for (int line = 0; line < kBlocks; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
+        prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
       }
       for (int b = 0; b < kBlocks; ++b) {
         __m512bh p[4];
@@ -253,7 +267,7 @@ void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const u
     for (int64_t c = g * gs / 8; c < (g + 1) * gs / 8; ++c) {  // runs of 8 inputs: 64 bytes per block
       const uint8_t* wc = w + c * 64 * kBlocks + 128 * half;
       for (int line = 0; line < 2; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(wc + kQuantizedPrefetchBytes + 64 * line), kQuantizedPrefetchHint);
+        prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
       }
       for (int b = 0; b < 2; ++b) {
         __m512bh p[4];

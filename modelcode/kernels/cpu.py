@@ -35,6 +35,21 @@ def cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as the (Linux) kernel reports it ("AuthenticAMD", "GenuineIntel"); empty elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+
+
+def quantized_prefetch(vendor: str) -> str:
+    """How the int8 and int4 kernels ask for weights ahead (see cpu.cpp): non-temporally on AMD's cores, into
+    every cache level elsewhere (on Intel's server cores non-temporal lines stream at half speed)."""
+    return "nta" if vendor == "AuthenticAMD" else "t0"
+
+
 def build_directory() -> Path:
     """Where this copy of the kernels is built: keyed by a hash of the sources, the build flags and the torch
     and Python versions, so installs of different sources never rebuild each other's, and alike ones share."""
@@ -66,6 +81,7 @@ def kernels_available() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
+    os.environ.setdefault("MODELCODE_QUANTIZED_PREFETCH", quantized_prefetch(cpu_vendor()))  # read as it loads
     folder = build_directory()
     failed = folder / "build-failed.log"
     if failed.exists():  # already said, on the run that tried

@@ -45,3 +45,13 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_run():
     probe = "from modelcode.kernels.cpu import kernels_available; print(kernels_available())"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
     assert done.stdout.strip() == "True", done.stderr or cpu.why_unavailable()
+
+
+def test_quantized_weights_are_prefetched_as_suits_the_vendor():
+    assert cpu.quantized_prefetch("AuthenticAMD") == "nta"  # Zen: non-temporal keeps the rest of the step cached
+    assert cpu.quantized_prefetch("GenuineIntel") == "t0"  # Intel server cores stream NTA lines at half speed
+    assert cpu.quantized_prefetch("") == "t0"
+    if cpu.kernels_available():  # the choice reached the library, and a user's own setting is kept
+        import os
+
+        assert os.environ["MODELCODE_QUANTIZED_PREFETCH"] in ("nta", "t0")
