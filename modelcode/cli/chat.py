@@ -28,15 +28,16 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
             (torchrun --standalone --nproc-per-node N --no-python modelcode chat --tp N); rank 0 reads and prints.
     """
     import modelcode
+    from modelcode.cli.generate import compile_for
     from modelcode.generation import ContextLengthError
     from modelcode.generation.session import ChatSession
     from modelcode.parallel.ranks import read_line
 
     lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
-    if compile:
-        compile_for_chat(lm, system)
-    session = ChatSession(lm, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if compile:  # a two-token reply with the same sampling compiles what the turns will run
+        compile_for(lm, lambda: list(ChatSession(lm, system, max_new_tokens=2, **sampling).send("Hello")))
+    session = ChatSession(lm, system, max_new_tokens=max_new_tokens, **sampling)
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)
     while True:
         line = read_line("> ")  # under torchrun, every rank gets rank 0's line
@@ -66,14 +67,3 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
         print(f"[prefilled {session.prefilled} tokens in {session.prefill_seconds:.2f} s; replied {reply} tokens in "
               f"{time.perf_counter() - start:.2f} s]", file=sys.stderr)
 
-
-def compile_for_chat(lm, system: str | None) -> None:
-    """Compile the decode step with a two-token throwaway reply, saying so, so that no turn waits for it."""
-    from modelcode.generation.session import ChatSession
-
-    print("[--compile: compiling the decode step (a minute or more on CPU) ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    lm.compile()
-    for _ in ChatSession(lm, system, max_new_tokens=2, temperature=0).send("Hello"):
-        pass
-    print(f" done in {time.perf_counter() - start:.0f} s]", file=sys.stderr)

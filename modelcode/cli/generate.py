@@ -2,6 +2,7 @@
 
 import sys
 import time
+from collections.abc import Callable
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -42,7 +43,7 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=stop)
     if compile:
-        compile_for(lm, prompts, settings)
+        compile_for(lm, lambda: lm.text_completion(prompts, **{**settings, "max_new_tokens": 2}))
     if draft is not None or prompt_lookup is not None:
         draft_lm = None if draft is None else modelcode.load(draft, dtype=dtype, device=device, task="causal-lm")
         return speculate(lm, prompts, draft_lm, prompt_lookup, speculate_k, settings)
@@ -63,13 +64,14 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
     report_speed(n_tokens, time.perf_counter() - start)
 
 
-def compile_for(lm, prompts: list[str], settings: dict) -> None:
-    """Compile the decode step for this batch and these settings with a short run first, saying so, so that
-    the speed reported afterwards is the compiled model's alone."""
+def compile_for(lm, warm_up: Callable[[], object]) -> None:
+    """Compile the decode step, saying so, with `warm_up`: a short run of the batch size and sampling settings
+    to come (each pair compiles a graph of its own), so that what runs afterwards, and its speed, is the
+    compiled model's alone."""
     print("[--compile: compiling the decode step (a minute or more on CPU) ...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     lm.compile()
-    lm.text_completion(prompts, **{**settings, "max_new_tokens": 2})
+    warm_up()
     print(f" done in {time.perf_counter() - start:.0f} s; it pays off on long outputs]", file=sys.stderr)
 
 

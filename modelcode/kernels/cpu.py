@@ -26,28 +26,29 @@ BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "
 OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags the (Linux) kernel reports for this CPU; empty elsewhere."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor as the (Linux) kernel reports it ("AuthenticAMD", "GenuineIntel"); empty elsewhere."""
+def cpuinfo(field: str) -> str:
+    """A field of the first CPU in the (Linux) kernel's /proc/cpuinfo ("flags", "vendor_id"); empty elsewhere."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
 
 
-def quantized_prefetch(vendor: str) -> str:
-    """How the int8 and int4 kernels ask for weights ahead (see cpu.cpp): non-temporally on AMD's cores, into
-    every cache level elsewhere (on Intel's server cores non-temporal lines stream at half speed)."""
-    return "nta" if vendor == "AuthenticAMD" else "t0"
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the CPU reports."""
+    return set(cpuinfo("flags").split())
+
+
+def quantized_prefetch() -> str:
+    """How the int8 and int4 kernels ask for weights ahead (see cpu.cpp), as MODELCODE_QUANTIZED_PREFETCH says,
+    else by the CPU's vendor: non-temporally ("nta") on AMD's cores, into every cache level ("t0") elsewhere (on
+    Intel's server cores non-temporal lines stream at half speed)."""
+    chosen = os.environ.get("MODELCODE_QUANTIZED_PREFETCH") or ("nta" if cpuinfo("vendor_id") == "AuthenticAMD"
+                                                                 else "t0")
+    if chosen not in ("nta", "t0"):
+        raise ValueError(f"MODELCODE_QUANTIZED_PREFETCH={chosen!r}: give nta or t0 (or unset it to choose by the CPU)")
+    return chosen
 
 
 def build_directory() -> Path:
@@ -77,15 +78,14 @@ def exclusive(path: Path):
 def kernels_available() -> bool:
     """Build (once per machine, saying so) and load the kernels once per process; False where they cannot run
     here. A failed build is recorded next to where it would be, and says so in one line once."""
-    if os.environ.get("MODELCODE_NO_CPU_KERNELS") or not set(NEEDED_CPU_FLAGS) <= cpu_flags():
+    if why_unavailable():  # switched off, the wrong CPU, or a build that failed (and said so) before
         return False
     from torch.utils.cpp_extension import load
 
-    os.environ.setdefault("MODELCODE_QUANTIZED_PREFETCH", quantized_prefetch(cpu_vendor()))  # read as it loads
+    # The library reads it once as it loads, so the choice is made here, for this process and what it starts.
+    os.environ["MODELCODE_QUANTIZED_PREFETCH"] = quantized_prefetch()
     folder = build_directory()
     failed = folder / "build-failed.log"
-    if failed.exists():  # already said, on the run that tried
-        return False
     folder.mkdir(parents=True, exist_ok=True)
     built = (folder / f"{NAME}.so").exists()
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def kernels_available() -> bool:
 
 
 def why_unavailable() -> str | None:
-    """Why `kernels_available` says no here, in one line; None where it says yes or has not been asked."""
+    """Why `kernels_available` says no here, in one line; None where it says yes or has not tried to build."""
     if os.environ.get("MODELCODE_NO_CPU_KERNELS"):
         return "MODELCODE_NO_CPU_KERNELS is set"
     if not set(NEEDED_CPU_FLAGS) <= cpu_flags():

@@ -160,11 +160,25 @@ def test_interrupted_quantize_leaves_nothing_half_written(capsys, tmp_path, monk
     assert modelcode.load(tmp_path / "q").text_completion(["Once"], max_new_tokens=3)[0]["tokens"]
 
 
-def test_chat_compile_compiles_before_the_first_turn(capsys, monkeypatch):
-    compiled = []
+def test_chat_compile_compiles_before_the_first_turn_with_the_turns_sampling(capsys, monkeypatch):
+    from modelcode.generation import session
+
+    compiled, sessions = [], []
     monkeypatch.setattr(modelcode.lm.LM, "compile", lambda self, *a, **k: compiled.append(self) or self)
+
+    class Recorded(session.ChatSession):  # each graph is compiled per sampling setting: the warm-up must share it
+        def __init__(self, lm, system=None, **settings):
+            sessions.append(settings)
+            super().__init__(lm, system, **settings)
+
+    monkeypatch.setattr(session, "ChatSession", Recorded)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hello\n"))
-    cli(["chat", "--compile", "--max-new-tokens", "3"])
+    cli(["chat", "--compile", "--max-new-tokens", "3", "--temperature", "0.7", "--top-k", "5", "--seed", "1"])
     err = capsys.readouterr().err
     assert len(compiled) == 1
-    assert re.search(r"^\[--compile: compiling the decode step .* done in \d+ s\]\nChatting with ", err, re.M), err
+    assert re.search(r"^\[--compile: compiling the decode step .* done in \d+ s; it pays off on long outputs\]\n"
+                     r"Chatting with ", err, re.M), err
+    warm_up, turns = sessions
+    assert warm_up["max_new_tokens"] == 2 and turns["max_new_tokens"] == 3
+    assert {k: v for k, v in warm_up.items() if k != "max_new_tokens"} == \
+        {k: v for k, v in turns.items() if k != "max_new_tokens"} == dict(temperature=0.7, top_k=5, top_p=None, seed=1)

@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
+from kernel_marks import KERNELS
 
-from modelcode.kernels import kernels_available
 from modelcode.kernels.attention import CPUDecodeAttention, swap_decode_attention
-from modelcode.kernels.cpu import decode_attention, decode_attention_fits, why_unavailable
+from modelcode.kernels.cpu import decode_attention, decode_attention_fits
 from modelcode.layers.attention import ScaledDotProductAttention, attend, causal_mask
-
-KERNELS = pytest.mark.skipif(not kernels_available(),
-                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def reference(q, k, v, mask):

@@ -3,14 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_marks import KERNELS
 from torch import nn
 
 import modelcode
-from modelcode.kernels import PackedBF16Linear, kernels_available, pack_bf16_linears
-from modelcode.kernels.cpu import pack_bf16, unpack_lanes, why_unavailable
-
-KERNELS = pytest.mark.skipif(not kernels_available(),
-                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
+from modelcode.kernels import PackedBF16Linear, pack_bf16_linears
+from modelcode.kernels.cpu import pack_bf16, unpack_lanes
 
 
 def test_bf16_layout_round_trips():

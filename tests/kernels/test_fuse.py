@@ -3,17 +3,14 @@ dict, one copy of the weights."""
 
 import pytest
 import torch
+from kernel_marks import KERNELS
 
 import modelcode
 from modelcode.api import EMBEDDED
-from modelcode.kernels import kernels_available, pack_bf16_linears
-from modelcode.kernels.cpu import why_unavailable
+from modelcode.kernels import pack_bf16_linears
 from modelcode.kernels.fuse import FusedSameInput, fuse_projections
 from modelcode.layers import SameInput
 from modelcode.quantization import quantize, save_quantized
-
-KERNELS = pytest.mark.skipif(not kernels_available(),
-                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def prepared(mode: str):

@@ -4,6 +4,7 @@ it happens, and a failure said in one line, once."""
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,11 +48,20 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_run():
     assert done.stdout.strip() == "True", done.stderr or cpu.why_unavailable()
 
 
-def test_quantized_weights_are_prefetched_as_suits_the_vendor():
-    assert cpu.quantized_prefetch("AuthenticAMD") == "nta"  # Zen: non-temporal keeps the rest of the step cached
-    assert cpu.quantized_prefetch("GenuineIntel") == "t0"  # Intel server cores stream NTA lines at half speed
-    assert cpu.quantized_prefetch("") == "t0"
-    if cpu.kernels_available():  # the choice reached the library, and a user's own setting is kept
-        import os
+@pytest.mark.parametrize("vendor, hint", [("AuthenticAMD", "nta"), ("GenuineIntel", "t0"), ("", "t0")])
+def test_quantized_weights_are_prefetched_as_suits_the_vendor(vendor, hint, monkeypatch):
+    # AMD's Zen: non-temporal keeps the rest of the step cached; Intel's server cores stream NTA lines at half speed
+    monkeypatch.setattr(cpu, "cpuinfo", lambda field: {"vendor_id": vendor}.get(field, ""))
+    monkeypatch.delenv("MODELCODE_QUANTIZED_PREFETCH", raising=False)
+    assert cpu.quantized_prefetch() == hint
+    monkeypatch.setenv("MODELCODE_QUANTIZED_PREFETCH", "nta")  # a user's own choice wins
+    assert cpu.quantized_prefetch() == "nta"
+    monkeypatch.setenv("MODELCODE_QUANTIZED_PREFETCH", "t1")
+    with pytest.raises(ValueError, match="MODELCODE_QUANTIZED_PREFETCH='t1': give nta or t0"):
+        cpu.quantized_prefetch()
 
-        assert os.environ["MODELCODE_QUANTIZED_PREFETCH"] in ("nta", "t0")
+
+def test_cpuinfo_reads_this_machine():
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo: not Linux")
+    assert cpu.cpuinfo("vendor_id") and "fpu" in cpu.cpu_flags()

@@ -4,9 +4,10 @@ dequantized weight."""
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_marks import KERNELS as OUR_KERNELS
 from torch import nn
 
-from modelcode.kernels.cpu import kernels_available, unpack_lanes, why_unavailable
+from modelcode.kernels.cpu import unpack_lanes
 from modelcode.quantization import (
     Int4Linear,
     Int8Linear,
@@ -20,8 +21,6 @@ from modelcode.quantization import (
 from modelcode.quantization.linear import pack_nibbles, unpack_nibbles
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-OUR_KERNELS = pytest.mark.skipif(not kernels_available(),
-                             reason=f"modelcode's CPU kernels are not used here: {why_unavailable()}")
 
 
 def linear(in_features, out_features, bias=False, dtype=torch.float32, seed=0):
