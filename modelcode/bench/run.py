@@ -5,6 +5,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +24,13 @@ from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, install_cpu_kernels
+from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
+from modelcode.quantization.host import unquantize_where_slower
+
+MATMUL_FLAGS = {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_int8", "avx_vnni"}
 
 
 @dataclass
@@ -81,12 +87,11 @@ def kv_bytes(config, batch: int, slots: float, element_size: int) -> float:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    cpu = cpuinfo("model name") or platform.processor()
+    flags = sorted(cpu_flags() & MATMUL_FLAGS)  # what decides which kernels can run
+    info = dict(cpu=cpu, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags, cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, platform=platform.platform(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -96,6 +101,28 @@ def machine(device: torch.device) -> dict:
     except ImportError:
         pass
     return info
+
+
+def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
+    """Which matmul each Linear-like layer of the model runs, by its name (layers fused into one matmul are named
+    by their members)."""
+    from modelcode.kernels import PackedBF16Linear
+    from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
+
+    amx = " (AMX from 5 rows)" if amx_available() else ""
+    kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16{amx}",
+             Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",
+             PackedInt8Linear: "modelcode int8 (1-16 rows)"}
+    int4 = {"avx512-bf16": "modelcode int4 (1-16 rows)", "cpu": "PyTorch int4 (CPU)", "cuda": "PyTorch int4 (tinygemm)"}
+    out = {}
+    for name, m in model.named_modules():
+        if name.endswith(".fused"):
+            continue
+        if isinstance(m, PackedInt4Linear):
+            out[name] = int4[m.kernel]
+        elif type(m) in kinds:
+            out[name] = kinds[type(m)]
+    return out
 
 
 def warm_up(subjects: dict, rows: dict, s: Settings, config, device: torch.device, log) -> None:
@@ -196,8 +223,12 @@ def bench(s: Settings, log=print) -> dict:
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
                            quantize=s.quantize, quantize_head=head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
+    if s.compile:
+        unquantize_where_slower(model)
     installed = install_cpu_kernels(model) if s.compile else Installed()  # what compiled decoding runs on
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
+    result["kernels"] = dict(installed=asdict(installed), layers=layer_kernels(model))
+    log("matmuls: " + ", ".join(f"{n} x {kind}" for kind, n in Counter(result["kernels"]["layers"].values()).items()))
     # Quantizing, or installing the CPU kernels (bfloat16 layers repacked in place), changed our layers:
     # transformers then gets a fresh copy of the same weights.
     changed = s.quantize is not None or installed.packed_layers > 0

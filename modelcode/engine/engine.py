@@ -26,6 +26,7 @@ from modelcode.engine.scheduler import Chunk, Scheduler
 from modelcode.generation.detokenize import IncrementalDetokenizer
 from modelcode.kernels import install_cpu_kernels
 from modelcode.layers import PagedKVCache
+from modelcode.quantization.host import unquantize_where_slower
 
 MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's API
 
@@ -58,6 +59,7 @@ class Engine:
         embedding = next(m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)).weight
         self.device = embedding.device
         if cpu_kernels and self.device.type == "cpu" and embedding.dtype == torch.bfloat16:
+            unquantize_where_slower(self.model)  # a quantized kernel slower than bfloat16 here: bfloat16
             install_cpu_kernels(self.model)
         block_bytes = 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * embedding.element_size()
         if num_blocks is None:

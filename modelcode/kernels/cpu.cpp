@@ -8,7 +8,8 @@
 // a plain sum over memory does (llama-1b's shapes: 30-56 GB/s where the one-row F.linear reads 15-24; see
 // BENCHMARKS.md). With more rows (a batch), each weight line loaded serves 4 rows at once, and a block's weights,
 // read from memory once, 32 KB at a time, are read from cache by every further group of 4 rows while the next
-// 32 KB stream in, so a batch costs little more than one row.
+// 32 KB stream in, so a batch costs little more than one row. From 5 rows on, a CPU with AMX does the same matmul
+// on its tile unit instead (amx.cpp), several times faster once the rows make it bound by arithmetic.
 //
 // int8: converting int8 codes to floating point costs two instructions per 16 of them, more than two cores can do
 // at memory speed; so instead the activations become integers, once per call, and `vpdpbusd` multiplies 64 codes by
@@ -16,11 +17,12 @@
 // bits) is scaled by the power of two 2^e that brings its largest |x_k| to [2^21, 2^22) and rounded: exact for
 // every input within 2^14 of the largest, the others rounded at 2^-22 of it, far below bfloat16's rounding of the
 // output. Such an integer is three signed bytes d_j (x 2^e = sum_j 2^(8j) d_j), and the instruction wants its other
-// operand unsigned: the codes, offset to 128 + q (their top bit flipped). So
+// operand unsigned: the codes, stored offset to 128 + q (their top bit flipped when packed, so that the loop does no
+// more than load and multiply: on an Intel Xeon one xor per line made it ~1.1x slower). So
 //
 //   sum_k x_k q_nk = 2^-e * (sum_j 2^(8j) sum_k d_jk (128 + q_nk)  -  128 sum_k x_k 2^e)
 //
-// is computed exactly (one xor and three `vpdpbusd` per 64 codes, the rest in float64), then times the row's scale.
+// is computed exactly (three `vpdpbusd` per 64 codes, the rest in float64), then times the row's scale.
 // The weight is laid out with 16 outputs in the lanes (below), so each lane sums one output and no vector is ever
 // reduced across its lanes. PyTorch's `_weight_int8pack_mm` converts each code to float instead, and streams the
 // weights about half as fast (see BENCHMARKS.md).
@@ -48,7 +50,7 @@
 //     h of every word, or-ed into 128.0 (see above), is 16 lanes of (input 8c+2h, 8c+2h+1) pairs: the pairs
 //     `vdpbf16ps` multiplies with a broadcast pair of activations, four of them per 64-byte load.
 //   scales and zeros (N/64, K/gs, 2, 64) bfloat16.
-// int8_mm: weights (N/64, K/4, 4, 16, 4) int8: for each run of 4 inputs and each block, 64 bytes: output i's codes
+// int8_mm: weights (N/64, K/4, 4, 16, 4) uint8, 128 + q: for each run of 4 inputs and each block, 64 bytes: output i's codes
 //   of those 4 inputs in lane i, what `vpdpbusd` multiplies with 4 activation bytes broadcast to every lane.
 
 #include <ATen/Parallel.h>
@@ -58,9 +60,13 @@
 #include <string>
 #include <torch/extension.h>
 
+#include "amx.h"
 #include "bf16.h"
 
 namespace {
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 5
+#endif
 
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
 // The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
@@ -88,6 +94,9 @@ inline void prefetch_quantized(const void* p) {
 constexpr int64_t kRunPairs = 128;
 constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead
 constexpr int64_t kTileRows = 128;
+// From this many rows on, AMX (amx.cpp) where the CPU has it: fewer rows are bound by reading the weights, which
+// the vector kernel below does as fast.
+constexpr int64_t kAmxMinRows = AMX_MIN_ROWS;
 
 // bfloat16: R rows of x (R, K) times the 64 outputs whose weights start at w, over the input pairs c0..c1:
 // sums (R, 64) float32 carry the dot products from one run of pairs to the next (from zero at c0 = 0), and
@@ -122,16 +131,15 @@ void dot_64_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int64_t c0,
 
 // int8: one row's activations as three signed bytes per input (`digits`, see int8_digits) against the 64 outputs
 // whose weights start at w, with their scales s: y (64,). `vpdpbusd` multiplies the 64 bytes of a line of weights,
-// offset to 128 + q by flipping their top bit, by 4 bytes of one digit of the activations broadcast to every lane:
-// so a line takes one xor and 3 `vpdpbusd`, one per digit, each into its own int32 sums of 16 outputs.
-void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const int8_t* w, int64_t K,
+// 128 + q, by 4 bytes of one digit of the activations broadcast to every lane: so a line takes 3 `vpdpbusd`, one per
+// digit, each into its own int32 sums of 16 outputs.
+void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uint8_t* w, int64_t K,
                  const at::BFloat16* s, at::BFloat16* y) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[kBlocks][3];  // [block][digit]: 12 sums in flight
   for (int b = 0; b < kBlocks; ++b)
     for (int j = 0; j < 3; ++j) acc[b][j] = _mm512_setzero_si512();
   for (int64_t c = 0; c < K / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
-    const int8_t* wc = w + c * 64 * kBlocks;
+    const uint8_t* wc = w + c * 64 * kBlocks;
     for (int line = 0; line < kBlocks; ++line) {
       prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
     }
@@ -139,7 +147,7 @@ void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const int
     __m512i digit[3];
     for (int j = 0; j < 3; ++j) digit[j] = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(d + 64 * j));
     for (int b = 0; b < kBlocks; ++b) {
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wc + 64 * b), flip);  // 128 + q, unsigned
+      const __m512i v = _mm512_loadu_si512(wc + 64 * b);  // 128 + q, unsigned
       for (int j = 0; j < 3; ++j) acc[b][j] = _mm512_dpbusd_epi32(acc[b][j], v, digit[j]);
     }
   }
@@ -307,6 +315,10 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
   auto* yp = y.data_ptr<at::BFloat16>();
+  if (M >= kAmxMinRows && K % 32 == 0 && amx_ready()) {
+    amx_bf16_mm(xp, wp, yp, M, K, N);
+    return y;
+  }
   // Many rows (a long prompt) go kTileRows at a time, so that the rows' activations that each block of weights
   // meets stay in cache too (one llama-1b layer's matmuls at 2048 rows: ~1.1x faster than in one tile).
   for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {
@@ -337,13 +349,13 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// x (M, K) bfloat16, w (N/64, K/4, 4, 16, 4) int8, scales (N,) bfloat16 -> (M, N) bfloat16.
+// x (M, K) bfloat16, w (N/64, K/4, 4, 16, 4) uint8 (128 + q), scales (N,) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_mm: x must be (M, K) bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
   TORCH_CHECK(w.dim() == 5 && w.size(1) * 4 == K && K % 128 == 0 && w.size(2) == kBlocks && w.size(3) == 16 &&
-              w.size(4) == 4 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "int8_mm: w must be (N/64, K/4, 4, 16, 4) int8 with K % 128 == 0");
+              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int8_mm: w must be (N/64, K/4, 4, 16, 4) uint8 (pack_int8's) with K % 128 == 0");
   TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
               "int8_mm: scales must be (N,) bfloat16");
   const torch::Tensor xc = x.contiguous();
@@ -354,7 +366,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
     units[m] = int8_digits(xc.data_ptr<at::BFloat16>() + m * K, &digits[m * 3 * K], K, &sums[m]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const auto* wp = w.data_ptr<int8_t>();
+  const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
@@ -448,6 +460,7 @@ TORCH_LIBRARY(modelcode, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
+  m.def("amx_ready() -> bool", &amx_ready);
 }
 TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
   m.impl("bf16_mm", &bf16_mm);

@@ -1,7 +1,7 @@
 """modelcode's own decoding kernels for CPUs with AVX512-BF16 and VNNI (`cpu.cpp`, where they are explained):
-bfloat16 weights times any number of rows of bfloat16 activations, int8 and int4 weights times a few, and
-attention for one query per sequence (`attention.cpp`), built on first use by PyTorch's C++ extension tools;
-and the weight layouts they read.
+bfloat16 weights times any number of rows of bfloat16 activations (from 5 rows on, on the AMX tile unit where the
+CPU has one: `amx.cpp`), int8 and int4 weights times a few, and attention for one query per sequence
+(`attention.cpp`), built on first use by PyTorch's C++ extension tools; and the weight layouts they read.
 
 The build takes ~25 s once per machine (cached under ~/.cache/modelcode/, keyed by the sources, see
 `build_directory`) and needs a C++ compiler, as torch.compile on CPU does. Where the CPU lacks the
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 NAME = "modelcode_cpu_kernels"
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu.cpp", "attention.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu.cpp", "attention.cpp", "amx.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("bf16.h", "amx.h")]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
 BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
@@ -55,7 +56,7 @@ def build_directory() -> Path:
     """Where this copy of the kernels is built: keyed by a hash of the sources, the build flags and the torch
     and Python versions, so installs of different sources never rebuild each other's, and alike ones share."""
     key = hashlib.sha256()
-    for part in [*(Path(f).read_bytes() for f in SOURCES), *map(str.encode, BUILD_FLAGS),
+    for part in [*(Path(f).read_bytes() for f in [*SOURCES, *HEADERS]), *map(str.encode, BUILD_FLAGS),
                  torch.__version__.encode(), sys.version.encode()]:
         key.update(part)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -145,6 +146,11 @@ def why_unavailable() -> str | None:
     return None
 
 
+def amx_available() -> bool:
+    """Whether `bf16_mm` runs batches and prompts on AMX here (see amx.cpp; MODELCODE_NO_AMX=1 says no)."""
+    return kernels_available() and torch.ops.modelcode.amx_ready()
+
+
 @torch.compiler.assume_constant_result
 def attention_kernel_available() -> bool:
     """`kernels_available`, which torch.compile takes as a constant of the graph (it reads files)."""
@@ -202,8 +208,14 @@ def int8_fits(in_features: int, out_features: int) -> bool:
 
 
 def pack_int8(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in) int8 weight -> `int8_mm`'s layout: (out/64, in/4, 4, 16, 4)."""
-    return pack_lanes(weight, 4)
+    """(out, in) int8 weight -> `int8_mm`'s layout: (out/64, in/4, 4, 16, 4) uint8, each code q stored as 128 + q
+    (its top bit flipped), the unsigned operand `vpdpbusd` takes."""
+    return pack_lanes(weight, 4).view(torch.uint8) ^ 0x80
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int8`: the (out, in) int8 weight."""
+    return unpack_lanes(packed ^ 0x80).view(torch.int8)
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

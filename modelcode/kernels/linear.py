@@ -14,9 +14,9 @@ from modelcode.swap import embedding_weights, replace_module
 
 class PackedBF16Linear(nn.Module):
     # The kernel takes any number of rows (decode steps, batches, prompts): it reuses each weight line for 4
-    # rows at a time from registers and each block of weights for the next rows from cache, so it keeps up
-    # with a dense matmul, which would first have to put the weight back in order, a copy of it per call
-    # (llama-1b's layers at 16 rows: ~60 ms, where oneDNN's dense matmul takes ~98).
+    # rows at a time from registers and each block of weights for the next rows from cache (on AMX, 16 rows
+    # at a time), so it keeps up with a dense matmul, which would first have to put the weight back in order,
+    # a copy of it per call (see BENCHMARKS.md).
     kernel_max_rows = math.inf
     outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
 

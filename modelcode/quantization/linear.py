@@ -28,7 +28,7 @@ from modelcode.kernels.cpu import (
     kernels_available,
     pack_int4,
     pack_int8,
-    unpack_lanes,
+    unpack_int8,
 )
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA) accept
@@ -125,7 +125,7 @@ class PackedInt8Linear(nn.Module):
             y = int8_mm(x.reshape(rows, self.in_features), self.weight, self.scales).view(*x.shape[:-1],
                                                                                         self.out_features)
         else:
-            y = F.linear(x, unpack_lanes(self.weight).to(x.dtype)) * self.scales
+            y = F.linear(x, unpack_int8(self.weight).to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

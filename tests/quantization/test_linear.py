@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kernel_marks import KERNELS as OUR_KERNELS
 from torch import nn
 
-from modelcode.kernels.cpu import unpack_lanes
+from modelcode.kernels.cpu import unpack_int8
 from modelcode.quantization import (
     Int4Linear,
     Int8Linear,
@@ -120,7 +120,7 @@ def test_our_int8_cpu_kernel_matches_the_float_matmul():
     products summed exactly in integers."""
     q8 = Int8Linear.from_linear(linear(384, 128, bias=True, dtype=torch.bfloat16))
     packed = q8.pack()
-    assert isinstance(packed, PackedInt8Linear) and torch.equal(unpack_lanes(packed.weight), q8.weight)
+    assert isinstance(packed, PackedInt8Linear) and torch.equal(unpack_int8(packed.weight), q8.weight)
     assert_kernel_and_dense_paths_match(packed, dequantize_int8(q8.weight, q8.scales), q8.bias)
     x = torch.randn(3, 384).bfloat16()
     assert torch.equal(packed(x), torch.ops.modelcode.int8_mm(x, packed.weight, packed.scales) + q8.bias)

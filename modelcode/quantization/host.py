@@ -1,0 +1,157 @@
+"""Whether a quantized layer decodes faster than bfloat16 on this machine, and bfloat16 layers where it does not.
+
+A quantized weight streams in fewer bytes but costs more arithmetic per byte, so on a CPU whose cores are slow
+beside its memory the quantized kernel can lose to the bfloat16 one (see BENCHMARKS.md). Decoding should never
+be slower for having quantized, so before the decoding kernels are installed, each mode's layer is timed once
+per machine against a bfloat16 layer of the same shape, on weights too large for the caches, and where the
+quantized one loses, the model's layers of that mode are dequantized to bfloat16: more memory, faster steps.
+The timings are kept per CPU model and kernel build; MODELCODE_KEEP_QUANTIZED=1 keeps the quantized layers.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelcode.kernels.cpu import build_directory, cpuinfo, dequantize_packed
+from modelcode.kernels.linear import pack_bf16_linears
+from modelcode.quantization.linear import (
+    Int4Linear,
+    Int8Linear,
+    PackedInt4Linear,
+    PackedInt8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    unpack_int8,
+)
+from modelcode.swap import replace_module
+
+SHAPE = (2048, 2048)  # (out, in): a typical decoder projection
+STACK_BYTES = 512 * 2**20  # bfloat16 weights timed per pass: more than the last-level cache of most CPUs
+QUANTIZED = (Int8Linear, PackedInt8Linear, Int4Linear, PackedInt4Linear)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds for one row through the same stack of layers, quantized and in bfloat16."""
+
+    quantized_s: float
+    bf16_s: float
+
+    @property
+    def quantized_wins(self) -> bool:
+        return self.quantized_s < self.bf16_s
+
+
+def mode_of(layer: nn.Module) -> str | None:
+    """ "int8" or "int4" for a quantized layer with bfloat16 scales (what the decoding kernels take), else None."""
+    if not isinstance(layer, QUANTIZED) or _scales(layer).dtype != torch.bfloat16:
+        return None
+    return "int8" if isinstance(layer, Int8Linear | PackedInt8Linear) else "int4"
+
+
+def measure(mode: str, stack_bytes: int = STACK_BYTES) -> Timing:
+    """Time one row through a stack of `SHAPE` layers in `mode` (as `pack()` makes them here) and through the
+    same stack in bfloat16 (packed for modelcode's kernel where it runs): the best of 5 alternating passes."""
+    out_features, in_features = SHAPE
+    n = max(1, stack_bytes // (2 * out_features * in_features))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+        x = torch.randn(1, in_features, dtype=torch.bfloat16)
+    one = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, 32)
+    stacks = {"quantized": [one.pack()], "bf16": [linear]}
+    stacks = {k: nn.ModuleList([layers[0]] + [copy.deepcopy(layers[0]) for _ in range(n - 1)])
+              for k, layers in stacks.items()}  # each its own memory: every pass streams them all
+    pack_bf16_linears(stacks["bf16"])
+    best = {k: float("inf") for k in stacks}
+    with torch.inference_mode():
+        for _ in range(5):
+            for kind, layers in stacks.items():
+                start = time.perf_counter()
+                for layer in layers:
+                    layer(x)
+                best[kind] = min(best[kind], time.perf_counter() - start)
+    return Timing(best["quantized"], best["bf16"])
+
+
+def timings_file() -> Path:
+    """Where this machine's timings are kept: beside the kernels' build, per CPU model and flags."""
+    cpu = hashlib.sha256(f"{cpuinfo('model name')}|{cpuinfo('flags')}".encode()).hexdigest()[:16]
+    return build_directory() / f"quantized-speed-{cpu}.json"
+
+
+def timing(mode: str) -> Timing:
+    """`measure(mode)`, once per machine (saying so): later calls read it back."""
+    path = timings_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if mode in known:
+        return Timing(**known[mode])
+    print(f"modelcode: timing the {mode} kernel against bfloat16 on this CPU, once ...", end="", file=sys.stderr,
+          flush=True)
+    known[mode] = asdict(measure(mode))
+    print(" done", file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    except OSError:  # a read-only cache: measured again next time
+        pass
+    return Timing(**known[mode])
+
+
+def dequantized(layer: nn.Module) -> nn.Linear:
+    """A quantized layer as a bfloat16 `nn.Linear` holding its dequantized weight (the values it computes with)."""
+    if isinstance(layer, Int8Linear):
+        weight = dequantize_int8(layer.weight, layer.scales)
+    elif isinstance(layer, PackedInt8Linear):
+        weight = dequantize_int8(unpack_int8(layer.weight), layer.scales)
+    elif isinstance(layer, Int4Linear):
+        weight = dequantize_int4(layer.weight, layer.scales, layer.zeros)
+    else:
+        weight = dequantize_packed(layer.weight, layer.scales_and_zeros, layer.group_size)
+    with torch.device("meta"):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    linear.bias = layer.bias
+    return linear
+
+
+def unquantize_where_slower(model: nn.Module) -> int:
+    """Dequantize to bfloat16, in place, the model's quantized CPU layers of each mode whose kernel decodes
+    slower than bfloat16's here (saying so); returns how many layers. MODELCODE_KEEP_QUANTIZED=1: none."""
+    if os.environ.get("MODELCODE_KEEP_QUANTIZED") == "1":
+        return 0
+    layers = [(name, m, mode_of(m)) for name, m in model.named_modules() if mode_of(m)]
+    layers = [(name, m, mode) for name, m, mode in layers if _dequantizable(m) and _scales(m).is_cpu]
+    losing = {}
+    for mode in sorted({mode for _, _, mode in layers}):
+        t = timing(mode)
+        if not t.quantized_wins:
+            losing[mode] = t
+            print(f"modelcode: on this CPU the {mode} kernel decodes slower than bfloat16 ({t.quantized_s * 1e3:.1f} "
+                  f"against {t.bf16_s * 1e3:.1f} ms per {STACK_BYTES >> 20} MiB of bfloat16 weights; {timings_file()})"
+                  f", so the {mode} layers run in bfloat16 (MODELCODE_KEEP_QUANTIZED=1 keeps them {mode}, using less "
+                  "memory)", file=sys.stderr)
+    chosen = [(name, m) for name, m, mode in layers if mode in losing]
+    for name, m in chosen:
+        replace_module(model, name, dequantized(m))
+    return len(chosen)
+
+
+def _dequantizable(layer: nn.Module) -> bool:
+    # PyTorch's own packed int4 layouts are internal to it: they cannot be read back
+    return not isinstance(layer, PackedInt4Linear) or layer.kernel == "avx512-bf16"
+
+
+def _scales(layer: nn.Module) -> torch.Tensor:
+    return layer.scales_and_zeros if isinstance(layer, PackedInt4Linear) else layer.scales
