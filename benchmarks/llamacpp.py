@@ -31,9 +31,9 @@ from modelcode.bench.run import machine
 from modelcode.bench.subjects import random_model
 from modelcode.generation import generate
 from modelcode.generation.compile import CompiledModel
-from modelcode.kernels import install_cpu_kernels
 from modelcode.loading import load_model
 from modelcode.loading.weight_maps.llama import hf_to_meta_rope
+from modelcode.quantization.host import prepare_cpu_decoding
 
 RESULTS = Path(__file__).parent / "results"
 # llama.cpp's type for modelcode's weights of each kind: float32 / bfloat16 as they are, int8 -> q8_0, int4 -> q4_0.
@@ -195,7 +195,7 @@ def main() -> None:
     for mode in args.modes:
         runner = model
         if mode == "compiled":
-            install_cpu_kernels(model)
+            prepare_cpu_decoding(model)
             runner = CompiledModel(model, n_ctx)
         subjects[f"modelcode {mode}"] = lambda prompt, n, runner=runner: ours(runner, prompt, n)
     tokens, speeds = {}, {name: [] for name in subjects}

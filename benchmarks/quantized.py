@@ -23,9 +23,8 @@ from modelcode.bench.measure import Roofline, run_ours
 from modelcode.bench.run import Settings, kv_bytes, machine, summarize, timed_runs, warm_up
 from modelcode.bench.subjects import random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
-from modelcode.kernels import install_cpu_kernels
 from modelcode.quantization import quantize
-from modelcode.quantization.host import unquantize_where_slower
+from modelcode.quantization.host import prepare_cpu_decoding
 
 VARIANTS = {  # name -> (mode, group size, `quantize`'s head: None int8, True the layers' mode, False bf16)
     "bf16": None,
@@ -45,8 +44,7 @@ def build(preset: str, variant: str, slots: int) -> tuple[CompiledModel, int]:
     if VARIANTS[variant] is not None:
         mode, group_size, head = VARIANTS[variant]
         quantize(model, mode, group_size, head=head)
-    unquantize_where_slower(model)
-    install_cpu_kernels(model)
+    prepare_cpu_decoding(model)
     return CompiledModel(model, slots), weight_bytes(model)
 
 

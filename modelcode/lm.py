@@ -13,8 +13,8 @@ from modelcode.errors import ArgumentError
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
 from modelcode.generation.compile import CompiledModel
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
-from modelcode.kernels import Installed, install_cpu_kernels
-from modelcode.quantization.host import unquantize_where_slower
+from modelcode.kernels import Installed
+from modelcode.quantization.host import prepare_cpu_decoding
 from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
 
 Message = dict[str, str]
@@ -68,8 +68,7 @@ class LM:
         `steps_per_call`). The first generation of each batch size (and sampling setting) compiles; prompt and
         new tokens together end at `max_seq_len`. On CPU, modelcode's kernels are installed on the model first
         (`kernels.install_cpu_kernels`: its bfloat16 Linear layers rearranged in place, ...). Returns self."""
-        unquantize_where_slower(self.model)  # a quantized kernel slower than bfloat16 here: bfloat16
-        self.kernels = install_cpu_kernels(self.model)
+        self.kernels = prepare_cpu_decoding(self.model)
         self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call)
         return self
 

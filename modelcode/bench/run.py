@@ -23,11 +23,12 @@ from modelcode.bench.measure import (
 from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
-from modelcode.kernels import Installed, install_cpu_kernels
+from modelcode.kernels import Installed, PackedBF16Linear
 from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
-from modelcode.quantization.host import unquantize_where_slower
+from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
+from modelcode.quantization.host import prepare_cpu_decoding
 
 MATMUL_FLAGS = {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16",
                 "amx_int8", "avx_vnni"}
@@ -106,9 +107,6 @@ def machine(device: torch.device) -> dict:
 def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
     """Which matmul each Linear-like layer of the model runs, by its name (layers fused into one matmul are named
     by their members)."""
-    from modelcode.kernels import PackedBF16Linear
-    from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
-
     amx = " (AMX from 5 rows)" if amx_available() else ""
     kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16{amx}",
              Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",
@@ -223,9 +221,7 @@ def bench(s: Settings, log=print) -> dict:
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
                            quantize=s.quantize, quantize_head=head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
-    if s.compile:
-        unquantize_where_slower(model)
-    installed = install_cpu_kernels(model) if s.compile else Installed()  # what compiled decoding runs on
+    installed = prepare_cpu_decoding(model) if s.compile else Installed()  # what compiled decoding runs on
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     result["kernels"] = dict(installed=asdict(installed), layers=layer_kernels(model))
     log("matmuls: " + ", ".join(f"{n} x {kind}" for kind, n in Counter(result["kernels"]["layers"].values()).items()))

@@ -22,7 +22,7 @@ AVX-512, on weights prepacked for them) against the library kernels, shape by sh
 For the one-row matmuls of decoding its kernels stream weights faster than eager `F.linear` (see
 BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
 compiling), a longer compile, and weights that must not change afterwards. Faster still are modelcode's own
-CPU kernels, which `LM.compile` installs on the model first (`kernels.install_cpu_kernels`): the layers
+CPU kernels, which `LM.compile` installs on the model first (`quantization.host.prepare_cpu_decoding`): the layers
 they take are no longer plain Linear layers, so inductor leaves them to those kernels, with no second copy.
 """
 

@@ -64,9 +64,6 @@
 #include "bf16.h"
 
 namespace {
-#ifndef AMX_MIN_ROWS
-#define AMX_MIN_ROWS 5
-#endif
 
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
 // The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
@@ -96,7 +93,7 @@ constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead
 constexpr int64_t kTileRows = 128;
 // From this many rows on, AMX (amx.cpp) where the CPU has it: fewer rows are bound by reading the weights, which
 // the vector kernel below does as fast.
-constexpr int64_t kAmxMinRows = AMX_MIN_ROWS;
+constexpr int64_t kAmxMinRows = 5;
 
 // bfloat16: R rows of x (R, K) times the 64 outputs whose weights start at w, over the input pairs c0..c1:
 // sums (R, 64) float32 carry the dot products from one run of pairs to the next (from zero at c0 = 0), and

@@ -9,6 +9,7 @@ from .linear import (
     PackedInt8Linear,
     dequantize_int4,
     dequantize_int8,
+    dequantized_weight,
     quantize_int4,
     quantize_int8,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Scheme",
     "dequantize_int4",
     "dequantize_int8",
+    "dequantized_weight",
     "pack_layers",
     "prepare_to_load",
     "quantize",

@@ -20,22 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelcode.kernels.cpu import build_directory, cpuinfo, dequantize_packed
+from modelcode.kernels import Installed, install_cpu_kernels
+from modelcode.kernels.cpu import build_directory, cpuinfo
 from modelcode.kernels.linear import pack_bf16_linears
-from modelcode.quantization.linear import (
-    Int4Linear,
-    Int8Linear,
-    PackedInt4Linear,
-    PackedInt8Linear,
-    dequantize_int4,
-    dequantize_int8,
-    unpack_int8,
-)
+from modelcode.quantization.linear import Int4Linear, Int8Linear, PackedInt4Linear, dequantized_weight
+from modelcode.quantization.quantize import QUANTIZED, layer_scheme
 from modelcode.swap import replace_module
 
 SHAPE = (2048, 2048)  # (out, in): a typical decoder projection
 STACK_BYTES = 512 * 2**20  # bfloat16 weights timed per pass: more than the last-level cache of most CPUs
-QUANTIZED = (Int8Linear, PackedInt8Linear, Int4Linear, PackedInt4Linear)
 
 
 @dataclass(frozen=True)
@@ -51,10 +44,13 @@ class Timing:
 
 
 def mode_of(layer: nn.Module) -> str | None:
-    """ "int8" or "int4" for a quantized layer with bfloat16 scales (what the decoding kernels take), else None."""
-    if not isinstance(layer, QUANTIZED) or _scales(layer).dtype != torch.bfloat16:
+    """ "int8" or "int4" for a quantized CPU layer with bfloat16 scales (what the decoding kernels take) whose weight
+    can be read back, else None."""
+    if not isinstance(layer, QUANTIZED):
         return None
-    return "int8" if isinstance(layer, Int8Linear | PackedInt8Linear) else "int4"
+    scales = layer.scales_and_zeros if isinstance(layer, PackedInt4Linear) else layer.scales
+    readable = not isinstance(layer, PackedInt4Linear) or layer.kernel == "avx512-bf16"  # PyTorch's layout is not
+    return layer_scheme(layer).mode if readable and scales.is_cpu and scales.dtype == torch.bfloat16 else None
 
 
 def measure(mode: str, stack_bytes: int = STACK_BYTES) -> Timing:
@@ -66,10 +62,10 @@ def measure(mode: str, stack_bytes: int = STACK_BYTES) -> Timing:
         torch.manual_seed(0)
         linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16).requires_grad_(False)
         x = torch.randn(1, in_features, dtype=torch.bfloat16)
-    one = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, 32)
-    stacks = {"quantized": [one.pack()], "bf16": [linear]}
-    stacks = {k: nn.ModuleList([layers[0]] + [copy.deepcopy(layers[0]) for _ in range(n - 1)])
-              for k, layers in stacks.items()}  # each its own memory: every pass streams them all
+    quantized = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, 32)
+    # n copies, each its own memory: every pass streams them all
+    stacks = {kind: nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(n - 1)])
+              for kind, layer in (("quantized", quantized.pack()), ("bf16", linear))}
     pack_bf16_linears(stacks["bf16"])
     best = {k: float("inf") for k in stacks}
     with torch.inference_mode():
@@ -111,17 +107,9 @@ def timing(mode: str) -> Timing:
 
 def dequantized(layer: nn.Module) -> nn.Linear:
     """A quantized layer as a bfloat16 `nn.Linear` holding its dequantized weight (the values it computes with)."""
-    if isinstance(layer, Int8Linear):
-        weight = dequantize_int8(layer.weight, layer.scales)
-    elif isinstance(layer, PackedInt8Linear):
-        weight = dequantize_int8(unpack_int8(layer.weight), layer.scales)
-    elif isinstance(layer, Int4Linear):
-        weight = dequantize_int4(layer.weight, layer.scales, layer.zeros)
-    else:
-        weight = dequantize_packed(layer.weight, layer.scales_and_zeros, layer.group_size)
     with torch.device("meta"):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    linear.weight = nn.Parameter(dequantized_weight(layer).to(torch.bfloat16), requires_grad=False)
     linear.bias = layer.bias
     return linear
 
@@ -131,13 +119,12 @@ def unquantize_where_slower(model: nn.Module) -> int:
     slower than bfloat16's here (saying so); returns how many layers. MODELCODE_KEEP_QUANTIZED=1: none."""
     if os.environ.get("MODELCODE_KEEP_QUANTIZED") == "1":
         return 0
-    layers = [(name, m, mode_of(m)) for name, m in model.named_modules() if mode_of(m)]
-    layers = [(name, m, mode) for name, m, mode in layers if _dequantizable(m) and _scales(m).is_cpu]
-    losing = {}
+    layers = [(name, m, mode) for name, m in model.named_modules() if (mode := mode_of(m))]
+    losing = set()
     for mode in sorted({mode for _, _, mode in layers}):
         t = timing(mode)
         if not t.quantized_wins:
-            losing[mode] = t
+            losing.add(mode)
             print(f"modelcode: on this CPU the {mode} kernel decodes slower than bfloat16 ({t.quantized_s * 1e3:.1f} "
                   f"against {t.bf16_s * 1e3:.1f} ms per {STACK_BYTES >> 20} MiB of bfloat16 weights; {timings_file()})"
                   f", so the {mode} layers run in bfloat16 (MODELCODE_KEEP_QUANTIZED=1 keeps them {mode}, using less "
@@ -148,10 +135,8 @@ def unquantize_where_slower(model: nn.Module) -> int:
     return len(chosen)
 
 
-def _dequantizable(layer: nn.Module) -> bool:
-    # PyTorch's own packed int4 layouts are internal to it: they cannot be read back
-    return not isinstance(layer, PackedInt4Linear) or layer.kernel == "avx512-bf16"
-
-
-def _scales(layer: nn.Module) -> torch.Tensor:
-    return layer.scales_and_zeros if isinstance(layer, PackedInt4Linear) else layer.scales
+def prepare_cpu_decoding(model: nn.Module) -> Installed:
+    """What compiled decoding and the engine run on CPU: quantized layers slower here than bfloat16 dequantized
+    (`unquantize_where_slower`), then modelcode's kernels installed (`kernels.install_cpu_kernels`)."""
+    unquantize_where_slower(model)
+    return install_cpu_kernels(model)

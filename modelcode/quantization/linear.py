@@ -309,6 +309,20 @@ class PackedInt4Linear(nn.Module):
                 f"group_size={self.group_size}, kernel={self.kernel}")
 
 
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a quantized layer computes with, in its scales' dtype. PyTorch's own packed int4
+    layouts cannot be read back: those raise ValueError."""
+    if isinstance(layer, Int8Linear):
+        return dequantize_int8(layer.weight, layer.scales)
+    if isinstance(layer, PackedInt8Linear):
+        return dequantize_int8(unpack_int8(layer.weight), layer.scales)
+    if isinstance(layer, Int4Linear):
+        return dequantize_int4(layer.weight, layer.scales, layer.zeros)
+    if isinstance(layer, PackedInt4Linear) and layer.kernel == "avx512-bf16":
+        return dequantize_packed(layer.weight, layer.scales_and_zeros, layer.group_size)
+    raise ValueError(f"cannot read back the weight of {layer!r}: PyTorch's packed layout is internal to it")
+
+
 def _filled(module: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
     """`module` with its (frozen) parameters set to the given tensors."""
     for name, t in tensors.items():

@@ -21,8 +21,7 @@ from modelcode.quantization import (
     Int8Linear,
     PackedInt4Linear,
     PackedInt8Linear,
-    dequantize_int4,
-    dequantize_int8,
+    dequantized_weight,
 )
 from modelcode.swap import replace_module
 
@@ -77,11 +76,7 @@ class LoRALinear(nn.Module):
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The (out, in) floating-point weight of a Linear or quantized layer."""
-    if isinstance(layer, Int8Linear):
-        return dequantize_int8(layer.weight, layer.scales)
-    if isinstance(layer, Int4Linear):
-        return dequantize_int4(layer.weight, layer.scales, layer.zeros)
-    return layer.weight
+    return dequantized_weight(layer) if isinstance(layer, QUANTIZED) else layer.weight
 
 
 def layer_names(weight_map: dict) -> dict[str, str]:

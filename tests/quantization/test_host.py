@@ -83,5 +83,4 @@ def test_dequantized_layers_compute_what_the_quantized_ones_did():
 def test_the_measurement_times_both_kernels():
     t = host.measure("int4", stack_bytes=8 << 20)
     assert t.quantized_s > 0 and t.bf16_s > 0
-    assert isinstance(t.quantized_wins, bool)
 
