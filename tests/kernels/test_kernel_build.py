@@ -1,6 +1,7 @@
 """The first run's kernel build: keyed by its sources (two installs never rebuild each other's), said while
 it happens, and a failure said in one line, once."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -65,3 +66,18 @@ def test_cpuinfo_reads_this_machine():
     if not Path("/proc/cpuinfo").exists():
         pytest.skip("no /proc/cpuinfo: not Linux")
     assert cpu.cpuinfo("vendor_id") and "fpu" in cpu.cpu_flags()
+
+
+def test_a_second_install_in_another_folder_does_not_rebuild_the_first(tmp_path):
+    if not cpu.kernels_available():
+        pytest.skip(f"the kernels are not used here: {cpu.why_unavailable()}")
+    package = Path(cpu.__file__).parents[1]
+    shutil.copytree(package, tmp_path / "modelcode", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import modelcode; from modelcode.kernels import cpu; "
+             "print(modelcode.__file__, cpu.kernels_available(), cpu.build_directory())")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    where, available, folder = done.stdout.split()
+    assert where.startswith(str(tmp_path)), "the probe must import the second install"
+    assert (available, folder) == ("True", str(cpu.build_directory()))
+    assert "building" not in done.stderr  # it found the first install's build and loaded it as it was
