@@ -77,6 +77,7 @@ def test_a_second_install_in_another_folder_does_not_rebuild_the_first(tmp_path)
              "print(modelcode.__file__, cpu.kernels_available(), cpu.build_directory())")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
     where, available, folder = done.stdout.split()
     assert where.startswith(str(tmp_path)), "the probe must import the second install"
     assert (available, folder) == ("True", str(cpu.build_directory()))
