@@ -7,10 +7,12 @@ the adapters in the base's dtype on both sides (peft's autocast_adapter_dtype=Fa
 batch's tokens per optimizer step (forward + backward + update); peak memory is the process's peak resident
 set on CPU, PyTorch's peak allocation on a GPU. On a shared machine whose speed drifts, separate runs compare
 badly, so LoRA is also timed with both taking turns step by step in one process on the same frozen base tensors
-(`--rounds`): the ratio to quote is the median of those rounds' own ratios. Writes
-benchmarks/results/finetune-<preset>.json.
+(`--rounds`): the ratio to quote is the median of those rounds' own ratios. `--prompt-share` masks the start of
+each sequence from the loss, as an SFT batch masks its prompt. Writes benchmarks/results/finetune-<preset>.json
+(finetune-<preset>-sft.json with a prompt share).
 
     python benchmarks/finetune.py                       # llama-1b, 256 tokens, 4 steps, lora and full
+    python benchmarks/finetune.py --methods lora --prompt-share 0.5
     python benchmarks/finetune.py --methods lora --device cuda --preset llama-3-8b
 """
 
@@ -28,9 +30,10 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def subject(impl: str, method: str, model, tokens: torch.Tensor):
-    """(the model to train, a function computing its loss on `tokens`). `model` is our random model; transformers'
-    twin shares its weight tensors."""
+def subject(impl: str, method: str, model, tokens: torch.Tensor, prompt: int = 0):
+    """(the model to train, a function computing its loss on `tokens`, the first `prompt` of each sequence masked
+    from the loss as an SFT batch's prompt is). `model` is our random model; transformers' twin shares its weight
+    tensors."""
     from modelcode.loading.weight_maps import llama as llama_maps
     from modelcode.training import LoRAConfig, apply_lora
     from modelcode.training.data import IGNORE
@@ -46,10 +49,13 @@ def subject(impl: str, method: str, model, tokens: torch.Tensor):
             hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                          target_modules=["q_proj", "v_proj"]),
                                      autocast_adapter_dtype=False)
-        return hf, lambda: hf(input_ids=tokens, labels=tokens).loss  # transformers shifts the labels itself
+        labels = tokens.clone()
+        labels[:, :prompt] = IGNORE
+        return hf, lambda: hf(input_ids=tokens, labels=labels).loss  # transformers shifts the labels itself
     if method == "lora":
         apply_lora(model, LoRAConfig(), llama_maps.HF)
     targets = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), IGNORE, device=tokens.device)], dim=1)
+    targets[:, :max(prompt - 1, 0)] = IGNORE  # the same targets as transformers' shifted labels
     batch = {"tokens": tokens, "positions": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
              "targets": targets}
     return model, lambda: loss_sum(model, batch, autocast=False) / (targets != IGNORE).sum()
@@ -74,6 +80,10 @@ def trainer(model, loss, method: str):
     return step, sum(p.numel() for p in params)
 
 
+def prompt_tokens(args) -> int:
+    return round(args.prompt_share * args.seq_len)
+
+
 def one(impl: str, method: str, args) -> dict:
     """Train `args.steps` steps in this process; returns its tokens/s and peak memory."""
     from modelcode.bench.measure import peak_memory, reset_peak_memory
@@ -83,7 +93,7 @@ def one(impl: str, method: str, args) -> dict:
     torch.manual_seed(0)
     model = random_model(args.preset, torch.bfloat16, device)
     tokens = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=device)
-    step, trainable = trainer(*subject(impl, method, model, tokens), method)
+    step, trainable = trainer(*subject(impl, method, model, tokens, prompt_tokens(args)), method)
     reset_peak_memory(device)
     seconds, losses = [], []
     for _ in range(args.steps):
@@ -105,8 +115,9 @@ def interleaved_lora(args) -> dict:
     torch.manual_seed(0)
     model = random_model(args.preset, torch.bfloat16, device)
     tokens = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=device)
-    theirs, _ = trainer(*subject("transformers", "lora", model, tokens), "lora")  # the twin before the wrapping
-    ours, _ = trainer(*subject("modelcode", "lora", model, tokens), "lora")
+    prompt = prompt_tokens(args)
+    theirs, _ = trainer(*subject("transformers", "lora", model, tokens, prompt), "lora")  # the twin before the wrapping
+    ours, _ = trainer(*subject("modelcode", "lora", model, tokens, prompt), "lora")
     ours(), theirs()  # warmup
     ratios, times = [], {"modelcode": [], "transformers": []}
     for r in range(args.rounds):
@@ -124,8 +135,8 @@ def interleaved_lora(args) -> dict:
 def run(impl: str, method: str, args) -> dict:
     """One subject in a process of its own (its peak memory is its own)."""
     cmd = [sys.executable, __file__, "--one", impl, method, "--preset", args.preset, "--seq-len", str(args.seq_len),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device, "--rounds",
-           str(args.rounds)]
+           "--batch", str(args.batch), "--prompt-share", str(args.prompt_share), "--steps", str(args.steps),
+           "--device", args.device, "--rounds", str(args.rounds)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{impl} {method} failed:\n{done.stderr[-3000:]}")
@@ -142,6 +153,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-share", type=float, default=0.0,
+                        help="share of each sequence that is prompt, masked from the loss (SFT batches: ~0.5)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps, the first one a warmup")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=4, help="alternating LoRA steps of both, in one process")
@@ -161,7 +174,7 @@ def main() -> None:
         print(f"lora, alternating steps in one process: modelcode {interleaved['ratio_median']:.2f}x transformers' "
               f"tokens/s (median of {args.rounds} rounds: {', '.join(f'{r:.2f}' for r in interleaved['ratios'])})")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"finetune-{args.preset}.json"
+    out = RESULTS / f"finetune-{args.preset}{'-sft' if args.prompt_share else ''}.json"
     import transformers
 
     out.write_text(json.dumps({"args": vars(args) | {"one": None}, "rows": rows, "interleaved_lora": interleaved,

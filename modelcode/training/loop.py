@@ -58,12 +58,15 @@ def checkpoint_activations(model: nn.Module) -> None:
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool) -> torch.Tensor:
-    """Summed cross-entropy of the batch's target tokens."""
+    """Summed cross-entropy of the batch's target tokens. The output layer runs only at positions that have a
+    target: the prompt tokens an SFT batch masks (often half of it) cost it no work, forward or backward."""
     device = next(model.parameters()).device
+    targets = batch["targets"].to(device).flatten()
+    keep = (targets != IGNORE).nonzero().squeeze(1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(batch["tokens"].to(device), batch["positions"].to(device))  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].to(device).flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+        h = model.hidden_states(batch["tokens"].to(device), batch["positions"].to(device))  # (B, T, dim)
+        logits = model.logits(h.flatten(0, 1).index_select(0, keep))  # (targets, V)
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def n_targets(batch: dict[str, torch.Tensor]) -> int:

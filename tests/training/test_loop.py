@@ -49,6 +49,22 @@ def trainable_model(folder, method: str):
     return model
 
 
+def test_the_output_layer_runs_only_where_there_is_a_target(hf_folder):
+    """Prompt and padding positions get no logits (the output layer sees only target rows), and the loss is the
+    same as cross-entropy over every position's logits with the masked ones ignored."""
+    model = modelcode.load(hf_folder, dtype=torch.float32).model
+    batch = collate(examples(3))
+    rows = []
+    hook = model.output.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    loss = loss_sum(model, batch, autocast=False)
+    hook.remove()
+    assert rows == [n_targets(batch)] and n_targets(batch) < batch["targets"].numel()
+    logits = model(batch["tokens"], batch["positions"])
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+    torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-5)
+
+
 def test_one_full_fine_tuning_step_equals_transformers(hf_folder):
     """Same loss and same gradient of every weight as transformers' model, on a right-padded batch whose
     prompt tokens are masked out of the loss."""
