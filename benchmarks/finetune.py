@@ -37,8 +37,10 @@ def subject(impl: str, method: str, model, tokens: torch.Tensor, prompt: int = 0
     from modelcode.loading.weight_maps import llama as llama_maps
     from modelcode.training import LoRAConfig, apply_lora
     from modelcode.training.data import IGNORE
-    from modelcode.training.loop import loss_sum
+    from modelcode.training.loop import loss_sum, n_targets
 
+    labels = tokens.clone()  # transformers' labels: the tokens, the prompt masked; each side shifts them itself
+    labels[:, :prompt] = IGNORE
     if impl == "transformers":
         import peft
 
@@ -49,16 +51,14 @@ def subject(impl: str, method: str, model, tokens: torch.Tensor, prompt: int = 0
             hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                          target_modules=["q_proj", "v_proj"]),
                                      autocast_adapter_dtype=False)
-        labels = tokens.clone()
-        labels[:, :prompt] = IGNORE
-        return hf, lambda: hf(input_ids=tokens, labels=labels).loss  # transformers shifts the labels itself
+        return hf, lambda: hf(input_ids=tokens, labels=labels).loss
     if method == "lora":
         apply_lora(model, LoRAConfig(), llama_maps.HF)
-    targets = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), IGNORE, device=tokens.device)], dim=1)
-    targets[:, :max(prompt - 1, 0)] = IGNORE  # the same targets as transformers' shifted labels
+    targets = torch.cat([labels[:, 1:], torch.full((tokens.shape[0], 1), IGNORE, device=tokens.device)], dim=1)
     batch = {"tokens": tokens, "positions": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
              "targets": targets}
-    return model, lambda: loss_sum(model, batch, autocast=False) / (targets != IGNORE).sum()
+    count = n_targets(batch)
+    return model, lambda: loss_sum(model, batch, autocast=False) / count
 
 
 def trainer(model, loss, method: str):
