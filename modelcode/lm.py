@@ -10,8 +10,8 @@ from pathlib import Path
 from torch import nn
 
 from modelcode.errors import ArgumentError
-from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, generate
-from modelcode.generation.compile import CompiledModel
+from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, aot, generate
+from modelcode.generation.compile import CompiledModel, default_steps_per_call
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
 from modelcode.kernels import Installed
 from modelcode.quantization.host import prepare_cpu_decoding
@@ -62,15 +62,32 @@ class LM:
                    GenerationDefaults.from_folder(folder), tokenizer.stop_ids | generation_stop_ids(folder))
 
     def compile(self, max_seq_len: int | None = None, freeze: bool = True, autotune: bool = True,
-                steps_per_call: int | None = None) -> "LM":
+                steps_per_call: int | None = None, saved: bool | None = None, build: bool = True) -> "LM":
         """From now on, generate with a static KV cache of `max_seq_len` positions (default: the context, at
-        most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune` and
-        `steps_per_call`). The first generation of each batch size (and sampling setting) compiles; prompt and
-        new tokens together end at `max_seq_len`. On CPU, modelcode's kernels are installed on the model first
+        most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune`,
+        `steps_per_call`, and `saved` and `build`: a small model's steps compiled once per machine and kept). The
+        first generation of each batch size (and sampling setting) compiles; prompt and new tokens together end
+        at `max_seq_len`. On CPU, modelcode's kernels are installed on the model first
         (`kernels.install_cpu_kernels`: its bfloat16 Linear layers rearranged in place, ...). Returns self."""
+        fingerprint = self.fingerprint()  # of the weights as loaded, before the kernels rearrange them
         self.kernels = prepare_cpu_decoding(self.model)
-        self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call)
+        self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call, saved, build,
+                                      fingerprint)
         return self
+
+    def fingerprint(self) -> str | None:
+        """What names a small model's compiled steps on disk (`generation/aot.py`); None for a larger one."""
+        return aot.model_fingerprint(self.model) if default_steps_per_call(self.model) > 1 else None
+
+    def compile_if_saved(self) -> bool:
+        """`compile(build=False)` if steps of this (small, CPU) model were compiled on this machine before:
+        generation then loads them in a second instead of decoding eagerly. Returns whether it compiled."""
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        key = self.fingerprint() if self.compiled is None and on_cpu else None
+        if key is None or not aot.has_packages(key):
+            return False
+        self.compile(build=False)
+        return True
 
     @property
     def runner(self) -> "nn.Module | CompiledModel":

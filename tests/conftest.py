@@ -3,10 +3,13 @@ skips without them. Quantized layers stay quantized whatever this machine's timi
 (`quantization/host.py`), so that the tests of them do not depend on the CPU; test_host.py tests the choice."""
 
 import os
+import tempfile
 
 from modelcode.kernels.cpu import kernels_available, why_unavailable
 
 os.environ["MODELCODE_KEEP_QUANTIZED"] = "1"
+# Compiled steps saved per machine (generation/aot.py) go to a folder of this run's own: none from outside is loaded.
+os.environ["MODELCODE_CACHE"] = tempfile.mkdtemp(prefix="modelcode-test-cache-")
 
 
 def pytest_terminal_summary(terminalreporter):

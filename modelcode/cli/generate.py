@@ -44,6 +44,9 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
                     stop=stop)
     if compile:
         compile_for(lm, lambda: lm.text_completion(prompts, **{**settings, "max_new_tokens": 2}))
+    elif draft is None and prompt_lookup is None and tp is None and lm.compile_if_saved():
+        # a small model's steps, compiled by an earlier --compile on this machine: loaded (a second) before timing
+        lm.text_completion(prompts, **{**settings, "max_new_tokens": 2})
     if draft is not None or prompt_lookup is not None:
         draft_lm = None if draft is None else modelcode.load(draft, dtype=dtype, device=device, task="causal-lm")
         return speculate(lm, prompts, draft_lm, prompt_lookup, speculate_k, settings)
@@ -68,7 +71,8 @@ def compile_for(lm, warm_up: Callable[[], object]) -> None:
     """Compile the decode step, saying so, with `warm_up`: a short run of the batch size and sampling settings
     to come (each pair compiles a graph of its own), so that what runs afterwards, and its speed, is the
     compiled model's alone."""
-    print("[--compile: compiling the decode step (a minute or more on CPU) ...", end="", file=sys.stderr, flush=True)
+    print("[--compile: compiling the decode step (a minute or more on CPU; a small model's once per machine) ...",
+          end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     lm.compile()
     warm_up()

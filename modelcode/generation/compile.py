@@ -24,6 +24,9 @@ BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a 
 compiling), a longer compile, and weights that must not change afterwards. Faster still are modelcode's own
 CPU kernels, which `LM.compile` installs on the model first (`quantization.host.prepare_cpu_decoding`): the layers
 they take are no longer plain Linear layers, so inductor leaves them to those kernels, with no second copy.
+
+Small models on CPU do not compile their steps in each process: `aot.py` compiles them ahead of time once per
+machine and keeps them on disk, and a later process loads them in about a second.
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from modelcode.errors import ArgumentError
+from modelcode.generation import aot
 from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
 from modelcode.layers import KVCache, StaticKVCache
@@ -90,10 +94,16 @@ class CompiledModel:
     inductor's GEMMs, weights must not change afterwards); `autotune`, with `freeze`, lets inductor time its
     own matmul kernels (slower to compile). On GPU both are ignored: the steps run as a CUDA graph. One graph is
     compiled per batch size and sampling setting (temperature, top-k, top-p, logprobs or not).
+
+    `saved` (default: for models small enough for several steps per call, on CPU, outside torch.distributed)
+    keeps each graph compiled ahead of time on disk, per machine (`aot.py`), and loads it from there when it
+    is; `build=False` never compiles: a graph not on disk runs as eager steps. `fingerprint` names the
+    weights in the store (default: a hash of them as they are now).
     """
 
     def __init__(self, model: nn.Module, max_seq_len: int | None = None, freeze: bool = True, autotune: bool = True,
-                 steps_per_call: int | None = None):
+                 steps_per_call: int | None = None, saved: bool | None = None, build: bool = True,
+                 fingerprint: str | None = None):
         context = model.config.max_seq_len
         if max_seq_len is not None and not 1 < max_seq_len <= context:
             raise ValueError(f"max_seq_len={max_seq_len} for the compiled cache must be between 2 and the model's "
@@ -110,6 +120,12 @@ class CompiledModel:
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
         self._steps = torch.compile(self._unrolled_steps, fullgraph=True, dynamic=False, **kwargs)
         self._compiled: set[tuple] = set()  # (batch size, sampling settings) whose steps have been compiled
+        split = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if saved is None:
+            saved = self.device.type == "cpu" and not split and default_steps_per_call(model) > 1
+        self.saved, self.build = saved, build
+        self._packages: dict[tuple, object] = {}  # key -> loaded package (`saved`)
+        self.fingerprint = (fingerprint or aot.model_fingerprint(model)) if self.saved else None
 
     def _unrolled_steps(self, tokens: torch.Tensor, positions: torch.Tensor, last_position: torch.Tensor,
                         cache: KVCache, races: torch.Tensor | None, temperature: float, top_k: int | None,
@@ -141,6 +157,8 @@ class CompiledModel:
         args = (tokens, positions, torch.tensor(last_position, device=self.device), cache, races,
                 params.temperature, params.top_k, params.top_p, logprobs)
         key = (batch, params, logprobs)
+        if self.saved:
+            return self._saved_steps(key, args)
         if key in self._compiled:
             # All that can tell this call's inputs from another's is in `key`, and its graph is compiled: of
             # dynamo's guards (every weight's metadata: 0.7 ms a call for llama-1b) only those that tell the
@@ -162,6 +180,31 @@ class CompiledModel:
                                  f"every step): generate without compile. The compiler said: {e}") from e
         self._compiled.add(key)
         return self._cloned(out)
+
+    def _saved_steps(self, key: tuple, args: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The steps through this key's package: loaded from the store (compiled into it first if missing);
+        without a package and `build=False`, the same steps run eagerly."""
+        tokens, positions, last_position, cache, races = args[:5]
+        inputs = (tokens, positions, last_position, tuple(cache.k), tuple(cache.v))
+        inputs += () if races is None else (races,)
+        package = self._packages.get(key)
+        if package is None:
+            settings = {k: v for k, v in self._inductor_settings.items() if k != "cpp_wrapper"}  # AOT: always C++
+            path = aot.package_path(self.fingerprint, aot.graph_fingerprint(
+                key, self.steps_per_call, self.max_seq_len, sorted(settings.items())))
+            if not path.exists():
+                if not self.build:
+                    return self._unrolled_steps(*args)
+                with torch.inference_mode(False):  # export traces ordinary tensors
+                    example = tuple(torch.utils._pytree.tree_map(torch.clone, inputs))
+                try:
+                    aot.build_package(_Steps(self, *key[1:]), example, settings, path)
+                except Exception as e:  # export's and inductor's errors share no base class
+                    raise ValueError(f"torch.export cannot capture {type(self.model).__name__}'s decode step as one "
+                                     f"graph: generate without compile. It said: {e}") from e
+            package = self._packages[key] = aot.load_package(path)
+        out = package(*inputs)
+        return (out[0], out[1]) if key[2] else (out if isinstance(out, torch.Tensor) else out[0], None)
 
     def _cloned(self, out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         # A CUDA graph's outputs live in memory its next replay overwrites, and the tokens are fed back in.
@@ -193,3 +236,20 @@ class CompiledModel:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                  cache: KVCache | None = None) -> torch.Tensor:
         return self.model(tokens, positions, cache)
+
+
+class _Steps(nn.Module):
+    """A compiled model's unrolled steps for one sampling setting, as a module over the cache's tensors: what
+    `aot.build_package` exports. Returns the new ids, and their logprobs when asked for."""
+
+    def __init__(self, compiled: CompiledModel, params: SamplingParams, logprobs: bool):
+        super().__init__()
+        self.model = compiled.model  # the weights, as the exported program's constants
+        self.unrolled, self.params, self.logprobs = compiled._unrolled_steps, params, logprobs
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last_position: torch.Tensor,
+                k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], races: torch.Tensor | None = None):
+        p = self.params
+        ids, lps = self.unrolled(tokens, positions, last_position, StaticKVCache.over(k, v), races, p.temperature,
+                                 p.top_k, p.top_p, self.logprobs)
+        return (ids, lps) if self.logprobs else ids

@@ -72,6 +72,14 @@ class StaticKVCache(KVCache):
         self.max_seq_len = max_seq_len
         self.prompt_slots = max_seq_len  # slots a prompt's layers attend over: set by its first layer
 
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> "StaticKVCache":
+        """A cache on existing per-layer tensors (e.g. a compiled graph's inputs), written in place."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = list(k), list(v)
+        cache.max_seq_len = cache.prompt_slots = k[0].shape[2]
+        return cache
+
     def update(self, layer, k, v, positions):
         _write(self.k[layer], k, positions)
         _write(self.v[layer], v, positions)

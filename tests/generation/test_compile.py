@@ -23,7 +23,7 @@ def plain():
 @pytest.fixture(scope="module")
 def compiled():
     # autotune off: it only changes which kernels run, and would make this test minutes longer on CPU
-    return modelcode.load("tinystories-656k").compile(max_seq_len=128, autotune=False)
+    return modelcode.load("tinystories-656k").compile(max_seq_len=128, autotune=False, saved=False)
 
 
 def graphs() -> int:
@@ -77,7 +77,7 @@ def test_compiled_stream_and_chat_equal_plain(plain, compiled):
 def test_several_steps_per_call_end_each_sequence_exactly_where_plain_decoding_does(plain):
     # 3 steps per call: budgets and stops fall in the middle of a call, and what a finished sequence sampled
     # after its end (fed to the model, written to the cache) must never show, nor harm the others.
-    lm = modelcode.load("tinystories-656k").compile(max_seq_len=96, autotune=False, steps_per_call=3)
+    lm = modelcode.load("tinystories-656k").compile(max_seq_len=96, autotune=False, steps_per_call=3, saved=False)
     batch = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS]
     free_run = plain.generate(batch[:1], max_new_tokens=12, stop_ids=frozenset())[0][0]
     for n in (1, 2, 3, 4, 7):
@@ -114,7 +114,7 @@ def assert_each_token_is_a_near_argmax(model, prompt: list[int], tokens: list[in
 
 def test_compiled_bfloat16_chooses_what_eager_would():
     # On CPU compile() installs modelcode's kernels: bfloat16 Linear layers repacked in place, where they run
-    lm = modelcode.load("tinystories-656k", dtype="bfloat16").compile(max_seq_len=96, autotune=False)
+    lm = modelcode.load("tinystories-656k", dtype="bfloat16").compile(max_seq_len=96, autotune=False, saved=False)
     ids = lm.tokenizer.encode(PROMPTS[2], bos=True)
     got, _ = lm.generate([ids], max_new_tokens=30)
     assert lm.kernels.packed_layers == (14 if kernels_available() else 0)
@@ -130,7 +130,7 @@ def test_compiled_int4_bfloat16_chooses_what_eager_would():
     lm = modelcode.load("tinystories-656k", dtype="bfloat16")
     quantize(lm.model, "int4", 32)
     ids = lm.tokenizer.encode(PROMPTS[1], bos=True)
-    got, _ = lm.compile(max_seq_len=96, autotune=False).generate([ids], max_new_tokens=30)
+    got, _ = lm.compile(max_seq_len=96, autotune=False, saved=False).generate([ids], max_new_tokens=30)
     assert_each_token_is_a_near_argmax(lm.model, ids, got[0])
 
 
@@ -156,14 +156,14 @@ def test_compiled_calls_after_the_first_pick_their_own_graph(plain, compiled):
 
     expected = [both(plain), both(other)]
     assert expected[0] != expected[1]
-    other.compile(max_seq_len=128, autotune=False)
+    other.compile(max_seq_len=128, autotune=False, saved=False)
     for _ in range(2):
         assert [both(compiled), both(other)] == expected
 
 
 def test_unfrozen_compiled_step_reads_the_models_own_weights():
     model = modelcode.load("tinystories-656k").model  # its own copy: the weights change below
-    lean = CompiledModel(model, max_seq_len=96, freeze=False)
+    lean = CompiledModel(model, max_seq_len=96, freeze=False, saved=False)
     ids = [1, 415, 1261, 263, 931]
     before = graphs()
     first = generate(model, [ids], 40).tokens
@@ -183,7 +183,7 @@ def test_bad_static_length_says_what_fits(plain):
 def test_a_model_that_cannot_be_captured_says_so(tmp_path):
     hf = tiny_hf_model("dynamic-ntk-rope")  # its rotary frequencies follow the largest position, read on the host
     hf.save_pretrained(tmp_path)
-    lm = modelcode.load(tmp_path).compile(freeze=False)
+    lm = modelcode.load(tmp_path).compile(freeze=False, saved=False)
     with pytest.raises(ValueError, match="cannot capture Llama's decode step as one graph.*without compile"):
         lm.generate([[1, 2, 3]], max_new_tokens=4)
 
@@ -193,7 +193,7 @@ def test_cuda_graphs_greedy_equals_plain():
     lm = modelcode.load("tinystories-656k", device="cuda")
     ids = lm.tokenizer.encode(PROMPTS[0], bos=True)
     expected, _ = lm.generate([ids], max_new_tokens=40)
-    lm.compile(max_seq_len=128)
+    lm.compile(max_seq_len=128, saved=False)
     before = graphs()
     for n in (40, 17):
         assert lm.generate([ids], max_new_tokens=n)[0] == [expected[0][:n]]

@@ -1,0 +1,71 @@
+"""A small model's compiled steps, compiled ahead of time once and kept per machine (`generation/aot.py`):
+the same tokens as plain generation, loaded by a later model instead of compiled again, never loaded for
+other weights, and never compiled by `compile_if_saved` or `build=False`."""
+
+import pytest
+import torch
+
+import modelcode
+from modelcode.generation import aot
+
+PROMPTS = [[1, 415, 1261, 263, 931], [1, 903, 1501, 263]]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return modelcode.load("tinystories-656k")
+
+
+@pytest.fixture(scope="module")
+def built(plain):
+    """A model whose steps were compiled into the store: greedy at batch 1, sampled with logprobs at batch 2."""
+    lm = modelcode.load("tinystories-656k").compile(max_seq_len=128, autotune=False)
+    assert lm.compiled.saved and not aot.has_packages(lm.fingerprint())
+    lm.generate(PROMPTS[:1], max_new_tokens=2)
+    lm.generate(PROMPTS, max_new_tokens=2, temperature=0.8, top_p=0.9, seed=1, logprobs=True)
+    return lm
+
+
+def no_compiling(*args):
+    raise AssertionError("compiled again")
+
+
+def test_saved_steps_equal_plain_generation(plain, built):
+    assert aot.has_packages(built.fingerprint())
+    for n in (1, 7, 40):  # budgets inside and across the 8 steps of a call
+        assert built.generate(PROMPTS[:1], max_new_tokens=n) == plain.generate(PROMPTS[:1], max_new_tokens=n)
+    settings = dict(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7, logprobs=True)
+    (got, got_lp), (expected, expected_lp) = built.generate(PROMPTS, **settings), plain.generate(PROMPTS, **settings)
+    assert got == expected
+    torch.testing.assert_close(sum(got_lp, []), sum(expected_lp, []), atol=1e-4, rtol=0)
+
+
+def test_a_later_model_loads_the_saved_steps_instead_of_compiling(plain, built, monkeypatch):
+    monkeypatch.setattr(aot, "build_package", no_compiling)
+    later = modelcode.load("tinystories-656k")
+    assert later.compile_if_saved() and later.compiled.build is False  # the defaults: a graph of its own
+    later.compile(max_seq_len=128, autotune=False, build=False)  # the settings `built` compiled with
+    assert later.generate(PROMPTS[:1], max_new_tokens=30) == plain.generate(PROMPTS[:1], max_new_tokens=30)
+    assert later.compiled._packages  # it ran the saved package, not eager steps
+
+
+def test_other_weights_never_load_them_and_build_false_runs_eagerly(plain, built, monkeypatch):
+    monkeypatch.setattr(aot, "build_package", no_compiling)
+    other = modelcode.load("tinystories-656k")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(torch.linspace(0.5, 1.5, other.model.norm.weight.numel()))
+    assert other.fingerprint() != built.fingerprint() and not other.compile_if_saved()
+    expected = other.generate(PROMPTS[:1], max_new_tokens=20)
+    assert expected != plain.generate(PROMPTS[:1], max_new_tokens=20)
+    other.compile(max_seq_len=128, autotune=False, build=False)
+    assert other.generate(PROMPTS[:1], max_new_tokens=20) == expected and not other.compiled._packages
+
+
+def test_bfloat16_with_the_cpu_kernels_compiles_ahead_of_time():
+    from test_compile import assert_each_token_is_a_near_argmax
+
+    lm = modelcode.load("tinystories-656k", dtype="bfloat16").compile(max_seq_len=96, autotune=False)
+    got, _ = lm.generate(PROMPTS[:1], max_new_tokens=30)
+    assert lm.compiled._packages
+    assert_each_token_is_a_near_argmax(lm.model, PROMPTS[0], got[0])
+
