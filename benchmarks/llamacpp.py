@@ -5,11 +5,13 @@ file (`gguf`, the writer llama.cpp's own converter uses): the same tensors, q an
 interleaved rotary pairs llama.cpp rotates, in float32, bfloat16, q8_0 or q4_0 (beside modelcode's float,
 int8 and int4). Its vocabulary is a placeholder: both sides are fed token ids and choose token ids.
 llama.cpp runs through its Python bindings' C API (`llama-cpp-python`, built for this machine), modelcode
-through `generate`, eager (what `modelcode generate` runs) or compiled (`--compile`). Each round runs every
+through `generate`: eager, compiled in the process (torch.compile), or, for a small model, saved: its steps
+compiled ahead of time once per machine and loaded (`generation/aot.py`; what `modelcode generate` runs once a
+`--compile` has saved them, and `--compile` itself from then on; without them it runs eager). Each round runs every
 subject once, each prefilling the same prompt then decoding `--new-tokens` greedily, stop ids ignored; the
 ratios are medians of the rounds' own ratios, so a machine whose speed drifts moves both sides alike.
 
-    python benchmarks/llamacpp.py [--model tinystories-656k] [--modes eager compiled] [--repeats 3]
+    python benchmarks/llamacpp.py [--model tinystories-656k] [--modes eager compiled saved] [--repeats 3]
     python benchmarks/llamacpp.py --model llama-1b --quantize int8 --modes compiled   # against q8_0
 
 `--no-extra-bufts` loads llama.cpp without its repacked weight buffers (`use_extra_bufts`), for machines
@@ -164,7 +166,9 @@ def main() -> None:
     p.add_argument("--model", default="tinystories-656k", help="tinystories-656k, or a preset such as llama-1b")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the model's own (random: bfloat16)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="ours int8/int4 (head int8) against q8_0/q4_0")
-    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled", "saved"], choices=["eager", "compiled", "saved"],
+                   help="compiled: in this process (torch.compile); saved: a small model's steps compiled ahead of "
+                        "time once per machine, loaded (what `generate` runs after one --compile)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -192,14 +196,17 @@ def main() -> None:
     prompt = [1, *prompt.tolist()[1:]]
     n_ctx = args.prompt_len + args.new_tokens + 8
     subjects = {"llama.cpp": LlamaCpp(path, n_ctx, args.threads, not args.no_extra_bufts).generate}
+    if set(args.modes) - {"eager"}:
+        prepare_cpu_decoding(model)
+    if "saved" in args.modes:  # compiled into the store unless an earlier run did; the subject below loads it
+        generate(CompiledModel(model, n_ctx, saved=True), [prompt], 2)
     for mode in args.modes:
         runner = model
-        if mode == "compiled":
-            prepare_cpu_decoding(model)
-            runner = CompiledModel(model, n_ctx)
+        if mode != "eager":
+            runner = CompiledModel(model, n_ctx, saved=mode == "saved", build=mode != "saved")
         subjects[f"modelcode {mode}"] = lambda prompt, n, runner=runner: ours(runner, prompt, n)
     tokens, speeds = {}, {name: [] for name in subjects}
-    for name, run in subjects.items():  # warm-up (and compiling), then interleaved rounds
+    for name, run in subjects.items():  # warm-up (compiling, or loading saved steps), then interleaved rounds
         start = time.perf_counter()
         tokens[name] = run(prompt, args.new_tokens)[0]
         print(f"{name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
