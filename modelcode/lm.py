@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from modelcode.errors import ArgumentError
@@ -88,6 +89,15 @@ class LM:
             return False
         self.compile(build=False)
         return True
+
+    def wants_saved_steps(self) -> bool:
+        """Whether this small CPU model just decoded eagerly for want of compiled steps saved on this machine:
+        none at all (`compile_if_saved` found none), or none for the batch size and sampling it ran."""
+        if self.compiled is not None:
+            return bool(self.compiled.saved and self.compiled.unbuilt)
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        split = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return on_cpu and not split and default_steps_per_call(self.model) > 1
 
     @property
     def runner(self) -> "nn.Module | CompiledModel":

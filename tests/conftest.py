@@ -10,6 +10,8 @@ from modelcode.kernels.cpu import kernels_available, why_unavailable
 os.environ["MODELCODE_KEEP_QUANTIZED"] = "1"
 # Compiled steps saved per machine (generation/aot.py) go to a folder of this run's own: none from outside is loaded.
 os.environ["MODELCODE_CACHE"] = tempfile.mkdtemp(prefix="modelcode-test-cache-")
+# ... and none is compiled behind a test's back (test_aot.py turns this on where it tests it).
+os.environ["MODELCODE_BACKGROUND_BUILD"] = "0"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -28,10 +28,8 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
             (torchrun --standalone --nproc-per-node N --no-python modelcode chat --tp N); rank 0 reads and prints.
     """
     import modelcode
-    from modelcode.cli.generate import compile_for
-    from modelcode.generation import ContextLengthError
+    from modelcode.cli.generate import build_steps_later, compile_for, given
     from modelcode.generation.session import ChatSession
-    from modelcode.parallel.ranks import read_line
 
     lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -40,6 +38,16 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
     elif tp is None and lm.compile_if_saved():  # steps an earlier --compile kept: loaded before the first turn
         list(ChatSession(lm, system, max_new_tokens=2, **sampling).send("Hello"))
     session = ChatSession(lm, system, max_new_tokens=max_new_tokens, **sampling)
+    converse(session, lm)
+    if not compile and tp is None:
+        build_steps_later(lm, ["chat", *given(model=model, dtype=dtype, **sampling)])
+
+
+def converse(session, lm) -> None:
+    """Read a line, stream the reply, until /exit or end of input."""
+    from modelcode.generation import ContextLengthError
+    from modelcode.parallel.ranks import read_line
+
     print(f"Chatting with {lm.path.name} ({type(lm.chat_format).__name__}). {HELP}", file=sys.stderr)
     while True:
         line = read_line("> ")  # under torchrun, every rank gets rank 0's line

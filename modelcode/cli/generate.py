@@ -65,6 +65,9 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
             print(f"{p}{r['generation']}\n")
         n_tokens = sum(len(r["tokens"]) for r in results)
     report_speed(n_tokens, time.perf_counter() - start)
+    if not compile and tp is None:
+        options = given(model=model, dtype=dtype, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        build_steps_later(lm, ["generate", *options, "--max-new-tokens", "2", "--", *prompts])
 
 
 def compile_for(lm, warm_up: Callable[[], object]) -> None:
@@ -77,6 +80,26 @@ def compile_for(lm, warm_up: Callable[[], object]) -> None:
     lm.compile()
     warm_up()
     print(f" done in {time.perf_counter() - start:.0f} s; it pays off on long outputs]", file=sys.stderr)
+
+
+def build_steps_later(lm, command: list[str]) -> None:
+    """After a small CPU model decoded eagerly for want of compiled steps saved on this machine: `command`
+    (`modelcode` arguments that run the same batch size and sampling) with --compile, in the background
+    (`generation/aot.py`), so that the next such run loads the steps instead."""
+    from modelcode.generation import aot
+
+    if not (aot.background_builds() and lm.wants_saved_steps()):
+        return
+    if aot.build_in_background(lm.fingerprint(), [command[0], "--compile", *command[1:]]):
+        print("[compiling this model's decode steps for this machine in the background (about a minute, once); "
+              "the next run loads them. MODELCODE_BACKGROUND_BUILD=0 turns this off]", file=sys.stderr)
+
+
+def given(**options) -> list[str]:
+    """`--name value` for each option that is not None."""
+    from modelcode.cli.args import flag
+
+    return [word for name, value in options.items() if value is not None for word in (flag(name), str(value))]
 
 
 def report_speed(n_tokens: int, seconds: float) -> None:

@@ -13,10 +13,18 @@ the model's (class, config, every weight's bytes), and the graph's (batch size, 
 cache length, compile settings, and what makes code built here run only here: torch's version, the CPU,
 modelcode's kernel build). Packages live in `~/.cache/modelcode/decode-steps/` (`MODELCODE_CACHE` or
 `XDG_CACHE_HOME` move it); deleting the folder only costs a compile.
+
+A user should not have to know to ask: when `modelcode generate` or `chat` has just decoded a small model eagerly
+for want of a package, it starts `build_in_background`, a `--compile` of the same command line in a process of
+its own that outlives it, so that the next run loads the compiled steps (MODELCODE_BACKGROUND_BUILD=0: never).
 """
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -71,3 +79,39 @@ def build_package(steps: nn.Module, example: tuple, settings: dict, path: Path) 
 def load_package(path: Path):
     """The compiled steps of a package: called with the inputs it was exported with, flattened."""
     return torch._inductor.aoti_load_package(str(path))
+
+
+def background_builds() -> bool:
+    return os.environ.get("MODELCODE_BACKGROUND_BUILD", "1") != "0"
+
+
+def build_in_background(model_key: str, command: list[str]) -> subprocess.Popen | None:
+    """Start `modelcode COMMAND` (a command line with --compile: it compiles this model's steps into the store)
+    in a process of its own that outlives this one, at low priority, writing to `<store>/<model_key>.log`.
+    Returns it, or None while an earlier build of this model runs, or if this command line was started before
+    (its build failed or was stopped: the log says why, and `--compile` shows it). `<store>/<model_key>.builds`
+    keeps a line per build started: its pid and command line."""
+    folder = store()
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{model_key}.builds"
+    builds = [line.split(" ", 1) for line in record.read_text().splitlines()] if record.exists() else []
+    if (builds and _alive(int(builds[-1][0]))) or any(json.loads(started) == command for _, started in builds):
+        return None
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []  # the user's next run comes first
+    with open(folder / f"{model_key}.log", "wb") as log:
+        process = subprocess.Popen([*nice, sys.executable, "-m", "modelcode.cli", *command], stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "MODELCODE_BACKGROUND_BUILD": "0"})
+    with open(record, "a") as f:
+        f.write(f"{process.pid} {json.dumps(command)}\n")
+    return process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

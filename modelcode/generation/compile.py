@@ -125,6 +125,7 @@ class CompiledModel:
             saved = self.device.type == "cpu" and not split and default_steps_per_call(model) > 1
         self.saved, self.build = saved, build
         self._packages: dict[tuple, object] = {}  # key -> loaded package (`saved`)
+        self.unbuilt: set[tuple] = set()  # keys that ran eagerly for want of a package (`build=False`)
         self.fingerprint = (fingerprint or aot.model_fingerprint(model)) if self.saved else None
 
     def _unrolled_steps(self, tokens: torch.Tensor, positions: torch.Tensor, last_position: torch.Tensor,
@@ -194,6 +195,7 @@ class CompiledModel:
                 key, self.steps_per_call, self.max_seq_len, sorted(settings.items())))
             if not path.exists():
                 if not self.build:
+                    self.unbuilt.add(key)
                     return self._unrolled_steps(*args)
                 with torch.inference_mode(False):  # export traces ordinary tensors
                     example = tuple(torch.utils._pytree.tree_map(torch.clone, inputs))

@@ -69,3 +69,35 @@ def test_bfloat16_with_the_cpu_kernels_compiles_ahead_of_time():
     assert lm.compiled._packages
     assert_each_token_is_a_near_argmax(lm.model, PROMPTS[0], got[0])
 
+
+
+def test_a_first_eager_generate_compiles_the_steps_in_the_background_for_the_next(monkeypatch, tmp_path, capsys):
+    """`modelcode generate` without saved steps decodes eagerly, then starts a `--compile` of the same command
+    line in a process of its own (one at a time); the next run loads what it built instead of decoding eagerly."""
+    from modelcode.cli import generate
+
+    monkeypatch.setenv("MODELCODE_CACHE", str(tmp_path))  # an empty store, also the background process's
+    monkeypatch.setenv("MODELCODE_BACKGROUND_BUILD", "1")
+    started, start = [], aot.build_in_background
+    monkeypatch.setattr(aot, "build_in_background", lambda *args: started.append(start(*args)) or started[-1])
+    run = dict(model="tinystories-656k", max_new_tokens=12, temperature=0.0)
+    generate.main(["-Once upon a time"], **run)  # a prompt that looks like an option stays the prompt
+    first = capsys.readouterr()
+    assert "in the background" in first.err and len(started) == 1
+    generate.main(["-Once upon a time"], **run)  # still building: not started twice
+    assert started[1] is None and capsys.readouterr().out == first.out
+    assert started[0].wait(timeout=900) == 0, (tmp_path / f"{modelcode.load('tinystories-656k').fingerprint()}.log")
+    monkeypatch.setattr(aot, "build_package", no_compiling)
+    loaded, load = [], aot.load_package
+    monkeypatch.setattr(aot, "load_package", lambda path: loaded.append(path) or load(path))
+    generate.main(["-Once upon a time"], **run)
+    again = capsys.readouterr()
+    assert loaded and again.out == first.out and "in the background" not in again.err and len(started) == 2
+
+
+def test_a_background_build_that_failed_is_not_started_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELCODE_CACHE", str(tmp_path))
+    command = ["generate", "--compile", "--model", str(tmp_path / "missing")]
+    failed = aot.build_in_background("key", command)
+    assert failed.wait(timeout=120) == 2 and "missing" in (aot.store() / "key.log").read_text()
+    assert aot.build_in_background("key", command) is None
