@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for both sides")
     p.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without repacked weight buffers")
+    p.add_argument("--out", type=Path, help="results file (default: results/llamacpp-<model>-<weights>.json)")
     p.add_argument("--gguf-dir", type=Path, default=Path("bench-out"), help="where the GGUF files are kept")
     args = p.parse_args()
     try:
@@ -226,7 +227,7 @@ def report(args, weights: str, subjects: dict, tokens: dict, speeds: dict) -> No
                           same_tokens_as_llama_cpp=f"{same}/{args.new_tokens}")
         print(f"{name:>20}: {rows[name]['decode_tok_s']:8.1f} tok/s  {ratio:5.2f}x llama.cpp  "
               f"(rounds {', '.join(f'{s:.1f}' for s in speeds[name])}; same tokens {same}/{args.new_tokens})")
-    out = RESULTS / f"llamacpp-{args.model}-{weights}.json"
+    out = args.out or RESULTS / f"llamacpp-{args.model}-{weights}.json"
     settings = {k: str(v) for k, v in vars(args).items()}
     result = dict(settings=settings, machine=machine(torch.device("cpu")), weights=weights, results=rows)
     out.write_text(json.dumps(result, indent=1))

@@ -78,7 +78,13 @@ def build_package(steps: nn.Module, example: tuple, settings: dict, path: Path) 
 
 def load_package(path: Path):
     """The compiled steps of a package: called with the inputs it was exported with, flattened."""
-    return torch._inductor.aoti_load_package(str(path))
+    from torch._inductor import config
+
+    # Loading compares the package's vector ISA with this CPU's, which inductor finds out by compiling and loading
+    # test programs (~1 s). A package of this store was built on this CPU (the graph key holds its flags): it is
+    # told the ISA is fine instead.
+    with config.patch({"cpp.vec_isa_ok": True}):
+        return torch._inductor.aoti_load_package(str(path))
 
 
 def background_builds() -> bool:

@@ -38,6 +38,7 @@ from modelcode.errors import ArgumentError
 from modelcode.generation import aot
 from modelcode.generation.generate import decode_step, decode_steps
 from modelcode.generation.sampling import SamplingParams, exponential_race
+from modelcode.kernels.cpu import attention_kernel_available
 from modelcode.layers import KVCache, StaticKVCache
 
 # Positions a compiled model keeps cache slots for, unless told otherwise (or the model's context if smaller).
@@ -117,6 +118,7 @@ class CompiledModel:
         self.device = next(model.parameters()).device
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
+        torch.compiler.assume_constant_result(attention_kernel_available)  # it reads files: dynamo cannot trace it
         # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
         self._steps = torch.compile(self._unrolled_steps, fullgraph=True, dynamic=False, **kwargs)
         self._compiled: set[tuple] = set()  # (batch size, sampling settings) whose steps have been compiled

@@ -151,9 +151,9 @@ def amx_available() -> bool:
     return kernels_available() and torch.ops.modelcode.amx_ready()
 
 
-@torch.compiler.assume_constant_result
 def attention_kernel_available() -> bool:
-    """`kernels_available`, which torch.compile takes as a constant of the graph (it reads files)."""
+    """`kernels_available`, which torch.compile takes as a constant of the graph (it reads files): compiling marks
+    it so (`generation/compile.py`), not this module, whose import would otherwise import dynamo (~1.5 s)."""
     return kernels_available()
 
 
