@@ -29,6 +29,7 @@ from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
 from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.linear import triton_ready
 
 MATMUL_FLAGS = {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16",
                 "amx_int8", "avx_vnni"}
@@ -90,9 +91,11 @@ def kv_bytes(config, batch: int, slots: float, element_size: int) -> float:
 def machine(device: torch.device) -> dict:
     cpu = cpuinfo("model name") or platform.processor()
     flags = sorted(cpu_flags() & MATMUL_FLAGS)  # what decides which kernels can run
-    info = dict(cpu=cpu, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags, cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), torch=torch.__version__, platform=platform.platform(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    # The model name alone does not tell CPU generations apart (every Zen is "AMD EPYC" in a VM): family/model does.
+    family = "/".join(filter(None, (cpuinfo("cpu family"), cpuinfo("model"))))
+    info = dict(cpu=cpu, cpu_family_model=family, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags,
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -111,13 +114,16 @@ def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
     kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16{amx}",
              Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",
              PackedInt8Linear: "modelcode int8 (1-16 rows)"}
-    int4 = {"avx512-bf16": "modelcode int4 (1-16 rows)", "cpu": "PyTorch int4 (CPU)", "cuda": "PyTorch int4 (tinygemm)"}
+    int4 = {"avx512-bf16": "modelcode int4 (1-16 rows)", "cpu": "PyTorch int4 (CPU)", "cuda": "PyTorch int4 (tinygemm)",
+            "triton": "modelcode int4, Triton (1-16 rows)"}
     out = {}
     for name, m in model.named_modules():
         if name.endswith(".fused"):
             continue
         if isinstance(m, PackedInt4Linear):
             out[name] = int4[m.kernel]
+        elif isinstance(m, Int8Linear) and m.weight.is_cuda:
+            out[name] = "modelcode int8, Triton (1-16 rows)" if triton_ready() else "dequantized, PyTorch matmul"
         elif type(m) in kinds:
             out[name] = kinds[type(m)]
     return out

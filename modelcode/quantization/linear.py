@@ -32,8 +32,20 @@ from modelcode.kernels.cpu import (
 )
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels (CPU and CUDA) accept
-INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantize-then-matmul beats the CPU int8 kernel
+INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantize-then-matmul beats the CPU int8 kernel (GPU: one tile)
 INT4_KERNEL_MAX_ROWS = 16  # likewise for modelcode's int4 CPU kernel
+GPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # activations the Triton kernels take on GPU at full speed
+
+
+def triton_gemv():
+    """kernels/triton_gemv.py, imported where a GPU first asks for it: importing triton takes a second."""
+    from modelcode.kernels import triton_gemv
+
+    return triton_gemv
+
+
+def triton_ready() -> bool:
+    return triton_gemv().triton_available()
 
 
 def _smallest_scale(dtype: torch.dtype) -> float:
@@ -60,9 +72,10 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 rows and one scale per row.
 
     This is the portable form (what a checkpoint stores, and what runs on GPU): for a few rows of bfloat16
-    activations on CPU its matmul is PyTorch's `_weight_int8pack_mm`, which reads the int8 weight directly;
-    everything else takes `linear(x, W.to(x.dtype)) * scale` (torch.compile fuses the conversion into the
-    matmul on GPU). Call `pack()` for modelcode's faster CPU kernel where it runs.
+    activations on CPU its matmul is PyTorch's `_weight_int8pack_mm`, which reads the int8 weight directly; on
+    GPU with triton, a few rows of 16-bit activations run modelcode's kernel (kernels/triton_gemv.py), likewise;
+    everything else takes `linear(x, W.to(x.dtype)) * scale`. Call `pack()` for modelcode's faster CPU kernel
+    where it runs.
     """
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
@@ -88,6 +101,9 @@ class Int8Linear(nn.Module):
         if x.is_cpu and x.dtype == torch.bfloat16 and rows <= self.kernel_max_rows:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight,
                                                    self.scales).view(*x.shape[:-1], self.out_features)
+        elif x.is_cuda and x.dtype in GPU_KERNEL_DTYPES and rows <= self.kernel_max_rows and triton_ready():
+            y = triton_gemv().int8_gemv(x.reshape(rows, self.in_features), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
@@ -225,9 +241,9 @@ class Int4Linear(nn.Module):
 
 
 def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> tuple[str | None, str]:
-    """Which int4 kernel runs a layer ("avx512-bf16": modelcode's own, see kernels/cpu.py; "cpu" or "cuda":
-    PyTorch's), or None and the reason why none does. All need in_features % 32 == 0, which every
-    supported group size guarantees."""
+    """Which int4 kernel runs a layer ("avx512-bf16" and "triton": modelcode's own, see kernels/cpu.py and
+    kernels/triton_gemv.py; "cpu" or "cuda": PyTorch's), or None and the reason why none does. All need
+    in_features % 32 == 0, which every supported group size guarantees."""
     if device.type == "cpu":
         if out_features % 16:
             return None, f"the CPU int4 kernel needs out_features divisible by 16 (got {out_features})"
@@ -235,6 +251,8 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
             return "avx512-bf16", ""
         return "cpu", ""
     if device.type == "cuda":
+        if dtype in GPU_KERNEL_DTYPES and torch.cuda.get_device_capability(device) >= (8, 0) and triton_ready():
+            return "triton", ""
         if dtype != torch.bfloat16:
             return None, f"the CUDA int4 kernel takes bfloat16 only (got {dtype}); load with dtype=bfloat16"
         if torch.cuda.get_device_capability(device) < (8, 0):
@@ -252,9 +270,13 @@ class PackedInt4Linear(nn.Module):
     rows (decoding), ~1.4x faster than PyTorch's at one row; more rows (prefill) dequantize the weight (in
     C++) and run a dense bfloat16 matmul, which PyTorch's packed layout does not allow.
 
+    CUDA with triton (bfloat16 or float16, Ampere or newer): modelcode's kernel (kernels/triton_gemv.py) on the
+    portable layout, scales and zeros side by side in one (out, in/group_size, 2) tensor, for up to
+    `INT4_KERNEL_MAX_ROWS` rows of 16-bit activations; more rows dequantize the weight for a dense matmul.
+
     CPU: `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu` (float32, bfloat16, float16).
-    CUDA: `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (tinygemm; bfloat16, Ampere or newer).
-    Scales and zeros travel together as one (in/group_size, out, 2) tensor, the layout both kernels take.
+    CUDA without triton: `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (tinygemm; bfloat16, Ampere or
+    newer). Scales and zeros travel together as one (in/group_size, out, 2) tensor, the layout both kernels take.
 
     Speed on CPU (measured, 2048x5632): with bfloat16 and one row (decoding) ~4x faster than a dense
     bfloat16 matmul; but the kernel is built for matrix-vector products (~10x slower than dense at 256
@@ -274,6 +296,11 @@ class PackedInt4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         self.kernel = kernel
+        if kernel == "triton":
+            self.register_buffer("weight", layer.weight.detach())
+            self.register_buffer("scales_and_zeros", torch.stack([layer.scales, layer.zeros], dim=-1).detach())
+            self.bias = layer.bias
+            return
         if kernel == "avx512-bf16":
             packed, scales_and_zeros = pack_int4(unpack_nibbles(layer.weight), layer.scales, layer.zeros)
             self.register_buffer("weight", packed)
@@ -293,7 +320,11 @@ class PackedInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "avx512-bf16" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
+        if self.kernel == "triton" and rows.shape[0] <= self.kernel_max_rows and x.dtype in GPU_KERNEL_DTYPES:
+            y = triton_gemv().int4_gemv(rows, self.weight, *self.scales_and_zeros.unbind(-1), self.group_size)
+        elif self.kernel == "triton":
+            y = F.linear(rows, dequantize_int4(self.weight, *self.scales_and_zeros.unbind(-1)).to(x.dtype))
+        elif self.kernel == "avx512-bf16" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
             y = F.linear(rows, dequantize_packed(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
         elif self.kernel == "avx512-bf16":
             y = int4_mm(rows, self.weight, self.scales_and_zeros, self.group_size)
@@ -320,6 +351,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         return dequantize_int4(layer.weight, layer.scales, layer.zeros)
     if isinstance(layer, PackedInt4Linear) and layer.kernel == "avx512-bf16":
         return dequantize_packed(layer.weight, layer.scales_and_zeros, layer.group_size)
+    if isinstance(layer, PackedInt4Linear) and layer.kernel == "triton":
+        return dequantize_int4(layer.weight, *layer.scales_and_zeros.unbind(-1))
     raise ValueError(f"cannot read back the weight of {layer!r}: PyTorch's packed layout is internal to it")
 
 

@@ -218,7 +218,7 @@ def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():
 def test_int4_cuda_kernel_matches_dequantized_matmul(group_size):
     portable = Int4Linear.from_linear(linear(384, 64, bias=True, dtype=torch.bfloat16), group_size).cuda()
     packed = portable.pack()
-    assert isinstance(packed, PackedInt4Linear) and packed.kernel == "cuda"
+    assert isinstance(packed, PackedInt4Linear) and packed.kernel in ("triton", "cuda")  # triton where it imports
     x = torch.randn(3, 384, dtype=torch.bfloat16, device="cuda")
     ref = F.linear(x.float(), dequantize_int4(portable.weight, portable.scales.float(), portable.zeros.float()),
                    portable.bias.float())
