@@ -78,13 +78,13 @@ def build_package(steps: nn.Module, example: tuple, settings: dict, path: Path) 
 
 def load_package(path: Path):
     """The compiled steps of a package: called with the inputs it was exported with, flattened."""
-    from torch._inductor import config
+    # torch's `aoti_load_package` first compares the device the package was built for with this one, which costs
+    # ~0.4 s of a command's start (it imports inductor's code cache and probes the CPU by compiling test programs).
+    # A package of this store was built on this machine (its name holds the CPU's flags and torch's version), so
+    # its loader is made directly.
+    from torch.export.pt2_archive._package import AOTICompiledModel
 
-    # Loading compares the package's vector ISA with this CPU's, which inductor finds out by compiling and loading
-    # test programs (~1 s). A package of this store was built on this CPU (the graph key holds its flags): it is
-    # told the ISA is fine instead.
-    with config.patch({"cpp.vec_isa_ok": True}):
-        return torch._inductor.aoti_load_package(str(path))
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
 
 
 def background_builds() -> bool:

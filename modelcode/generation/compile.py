@@ -118,14 +118,15 @@ class CompiledModel:
         self.device = next(model.parameters()).device
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
-        torch.compiler.assume_constant_result(attention_kernel_available)  # it reads files: dynamo cannot trace it
-        # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
-        self._steps = torch.compile(self._unrolled_steps, fullgraph=True, dynamic=False, **kwargs)
-        self._compiled: set[tuple] = set()  # (batch size, sampling settings) whose steps have been compiled
         split = torch.distributed.is_available() and torch.distributed.is_initialized()
         if saved is None:
             saved = self.device.type == "cpu" and not split and default_steps_per_call(model) > 1
         self.saved, self.build = saved, build
+        if not saved:  # (saved steps are exported instead, and loading them needs no part of dynamo: ~0.5 s)
+            torch.compiler.assume_constant_result(attention_kernel_available)  # it reads files: dynamo cannot trace it
+            # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
+            self._steps = torch.compile(self._unrolled_steps, fullgraph=True, dynamic=False, **kwargs)
+        self._compiled: set[tuple] = set()  # (batch size, sampling settings) whose steps have been compiled
         self._packages: dict[tuple, object] = {}  # key -> loaded package (`saved`)
         self.unbuilt: set[tuple] = set()  # keys that ran eagerly for want of a package (`build=False`)
         self.fingerprint = (fingerprint or aot.model_fingerprint(model)) if self.saved else None
