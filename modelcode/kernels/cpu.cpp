@@ -66,8 +66,9 @@
 namespace {
 
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
-// The hardware prefetcher alone leaves the loads waiting on memory; asking ahead keeps them in flight. The int8
-// and int4 kernels spend longer on each line, so they ask further ahead (int8 on one thread: +20-30%).
+// The hardware prefetcher alone leaves the loads waiting on memory (but see kBf16Prefetch); asking ahead keeps them
+// in flight. The int8 and int4 kernels spend longer on each line, so they ask further ahead (int8 on one thread:
+// +20-30%).
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
 // ... as non-temporal data on AMD's cores: weights read once per step, kept out of the outer caches, no longer evict
 // what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster per step).
@@ -78,6 +79,14 @@ constexpr int64_t kQuantizedPrefetchBytes = 8192;
 const bool kQuantizedNonTemporal = [] {
   const char* v = std::getenv("MODELCODE_QUANTIZED_PREFETCH");
   return !(v && std::string(v) == "t0");
+}();
+
+// bfloat16 asks a run ahead into L2 (T1), except on AMD's Zen 4, whose hardware prefetcher alone streams faster
+// (compiled llama-1b: ~1.25x, from behind llama.cpp's bfloat16 to ahead of it): cpu.py chooses by the CPU, through
+// MODELCODE_BF16_PREFETCH ("t1" or "none"), read once when the library loads.
+const bool kBf16Prefetch = [] {
+  const char* v = std::getenv("MODELCODE_BF16_PREFETCH");
+  return !(v && std::string(v) == "none");
 }();
 
 inline void prefetch_quantized(const void* p) {
@@ -108,7 +117,7 @@ void dot_64_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int64_t c0,
     for (int b = 0; b < kBlocks; ++b) acc[r][b] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + 64 * r + 16 * b);
   for (int64_t c = c0; c < c1; ++c) {  // pair c: 256 bytes, 4 lines
     const uint8_t* wc = w + c * 64 * kBlocks;
-    for (int line = 0; line < kBlocks; ++line) {
+    for (int line = 0; kBf16Prefetch && line < kBlocks; ++line) {
       _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchBytes + 64 * line), _MM_HINT_T1);
     }
     __m512bh pair[R];  // inputs 2c, 2c+1 of each row, broadcast to every lane

@@ -52,6 +52,17 @@ def quantized_prefetch() -> str:
     return chosen
 
 
+def bf16_prefetch() -> str:
+    """How the bfloat16 kernel asks for weights ahead (see cpu.cpp), as MODELCODE_BF16_PREFETCH says, else by the
+    CPU: not at all ("none") on AMD's Zen 4 (family 25), whose hardware prefetcher alone streams faster, a run ahead
+    into L2 ("t1") elsewhere."""
+    zen4 = cpuinfo("vendor_id") == "AuthenticAMD" and cpuinfo("cpu family") == "25"
+    chosen = os.environ.get("MODELCODE_BF16_PREFETCH") or ("none" if zen4 else "t1")
+    if chosen not in ("none", "t1"):
+        raise ValueError(f"MODELCODE_BF16_PREFETCH={chosen!r}: give none or t1 (or unset it to choose by the CPU)")
+    return chosen
+
+
 def build_directory() -> Path:
     """Where this copy of the kernels is built: keyed by a hash of the sources, the build flags and the torch
     and Python versions, so installs of different sources never rebuild each other's, and alike ones share."""
@@ -85,6 +96,7 @@ def kernels_available() -> bool:
 
     # The library reads it once as it loads, so the choice is made here, for this process and what it starts.
     os.environ["MODELCODE_QUANTIZED_PREFETCH"] = quantized_prefetch()
+    os.environ["MODELCODE_BF16_PREFETCH"] = bf16_prefetch()
     folder = build_directory()
     failed = folder / "build-failed.log"
     folder.mkdir(parents=True, exist_ok=True)

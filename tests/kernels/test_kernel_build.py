@@ -49,17 +49,30 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_run():
     assert done.stdout.strip() == "True", done.stderr or cpu.why_unavailable()
 
 
+def assert_chosen(choose, variable: str, expected: str, own: str, invalid: str, allowed: str, monkeypatch) -> None:
+    """`choose()` gives `expected` for the faked CPU, a user's own `variable` wins, and an unknown one is an error."""
+    monkeypatch.delenv(variable, raising=False)
+    assert choose() == expected
+    monkeypatch.setenv(variable, own)
+    assert choose() == own
+    monkeypatch.setenv(variable, invalid)
+    with pytest.raises(ValueError, match=f"{variable}='{invalid}': give {allowed}"):
+        choose()
+
+
 @pytest.mark.parametrize("vendor, hint", [("AuthenticAMD", "nta"), ("GenuineIntel", "t0"), ("", "t0")])
 def test_quantized_weights_are_prefetched_as_suits_the_vendor(vendor, hint, monkeypatch):
     # AMD's Zen: non-temporal keeps the rest of the step cached; Intel's server cores stream NTA lines at half speed
     monkeypatch.setattr(cpu, "cpuinfo", lambda field: {"vendor_id": vendor}.get(field, ""))
-    monkeypatch.delenv("MODELCODE_QUANTIZED_PREFETCH", raising=False)
-    assert cpu.quantized_prefetch() == hint
-    monkeypatch.setenv("MODELCODE_QUANTIZED_PREFETCH", "nta")  # a user's own choice wins
-    assert cpu.quantized_prefetch() == "nta"
-    monkeypatch.setenv("MODELCODE_QUANTIZED_PREFETCH", "t1")
-    with pytest.raises(ValueError, match="MODELCODE_QUANTIZED_PREFETCH='t1': give nta or t0"):
-        cpu.quantized_prefetch()
+    assert_chosen(cpu.quantized_prefetch, "MODELCODE_QUANTIZED_PREFETCH", hint, "nta", "t1", "nta or t0", monkeypatch)
+
+
+@pytest.mark.parametrize("vendor, family, hint", [("AuthenticAMD", "25", "none"), ("AuthenticAMD", "26", "t1"),
+                                                  ("GenuineIntel", "6", "t1"), ("", "", "t1")])
+def test_bf16_weights_are_prefetched_as_suits_the_cpu(vendor, family, hint, monkeypatch):
+    # Zen 4's hardware prefetcher streams faster alone; Zen 5 and Intel's cores gain from asking a run ahead
+    monkeypatch.setattr(cpu, "cpuinfo", lambda field: {"vendor_id": vendor, "cpu family": family}.get(field, ""))
+    assert_chosen(cpu.bf16_prefetch, "MODELCODE_BF16_PREFETCH", hint, "t1", "t0", "none or t1", monkeypatch)
 
 
 def test_cpuinfo_reads_this_machine():
