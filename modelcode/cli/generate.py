@@ -31,6 +31,8 @@ def main(prompt: list[str] = (), *, model: str | None = None, max_new_tokens: in
         speculate_k: draft tokens the model checks per forward pass, with --draft or --prompt-lookup.
         compile: decode with a static KV cache and compiled decode steps (torch.compile; CUDA graphs on GPU).
             Compiling takes a while (a minute or more on CPU), done and timed first; it pays off on long outputs.
+            A small model's steps are kept per machine: without --compile, a run that finds none decodes eagerly
+            and then compiles them in the background for the next (MODELCODE_BACKGROUND_BUILD=0: never).
         tp: tensor parallelism: split the model across this many processes, started by torchrun
             (torchrun --standalone --nproc-per-node N --no-python modelcode generate ... --tp N); rank 0 prints.
     """
