@@ -82,7 +82,7 @@ class LM:
 
     def compile_if_saved(self) -> bool:
         """`compile(build=False)` if steps of this (small, CPU) model were compiled on this machine before:
-        generation then loads them in a second instead of decoding eagerly. Returns whether it compiled."""
+        generation then loads them (about 0.1 s) instead of decoding eagerly. Returns whether it compiled."""
         on_cpu = next(self.model.parameters()).device.type == "cpu"
         key = self.fingerprint() if self.compiled is None and on_cpu else None
         if key is None or not aot.has_packages(key):

@@ -6,7 +6,7 @@ about 50 s: tracing and lowering run again. That is nothing beside a long run of
 everything beside the few hundred tokens a small model is asked for. So for models of at most
 `SMALL_MODEL_BYTES` of weights on CPU, the step is exported (`torch.export`) and compiled ahead of time by
 AOTInductor into a package (a shared library with the weights as constants, a `.pt2` file) that a later
-process loads in about a second and calls with no Python between its kernels.
+process loads in about 0.1 s and calls with no Python between its kernels.
 
 A package holds one model's weights and one (batch size, sampling setting) graph, so its name is two hashes:
 the model's (class, config, every weight's bytes), and the graph's (batch size, sampling, steps per call,
