@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from modelcode.errors import ArgumentError
 from modelcode.generation import GenerationOutput, IncrementalDetokenizer, SamplingParams, TextStream, aot, generate
-from modelcode.generation.compile import CompiledModel, default_steps_per_call
+from modelcode.generation.compile import CompiledModel, default_steps_per_call, saves_steps
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
 from modelcode.kernels import Installed
 from modelcode.quantization.host import prepare_cpu_decoding
@@ -83,9 +82,7 @@ class LM:
     def compile_if_saved(self) -> bool:
         """`compile(build=False)` if steps of this (small, CPU) model were compiled on this machine before:
         generation then loads them (about 0.1 s) instead of decoding eagerly. Returns whether it compiled."""
-        on_cpu = next(self.model.parameters()).device.type == "cpu"
-        key = self.fingerprint() if self.compiled is None and on_cpu else None
-        if key is None or not aot.has_packages(key):
+        if self.compiled is not None or not saves_steps(self.model) or not aot.has_packages(self.fingerprint()):
             return False
         self.compile(build=False)
         return True
@@ -95,9 +92,7 @@ class LM:
         none at all (`compile_if_saved` found none), or none for the batch size and sampling it ran."""
         if self.compiled is not None:
             return bool(self.compiled.saved and self.compiled.unbuilt)
-        on_cpu = next(self.model.parameters()).device.type == "cpu"
-        split = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return on_cpu and not split and default_steps_per_call(self.model) > 1
+        return saves_steps(self.model)
 
     @property
     def runner(self) -> "nn.Module | CompiledModel":

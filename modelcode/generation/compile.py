@@ -61,6 +61,13 @@ def default_steps_per_call(model: nn.Module) -> int:
     return SMALL_MODEL_STEPS_PER_CALL if weight_bytes <= SMALL_MODEL_BYTES else 1
 
 
+def saves_steps(model: nn.Module) -> bool:
+    """Whether a model's compiled steps are kept on disk per machine by default (`aot.py`): small enough for several
+    steps per call, on CPU, outside torch.distributed."""
+    split = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return next(model.parameters()).device.type == "cpu" and not split and default_steps_per_call(model) > 1
+
+
 def compile_settings(device: torch.device, freeze: bool = True, autotune: bool = True) -> tuple[dict, dict]:
     """For a decode step on this device: keyword arguments for `torch.compile`, and the inductor settings
     to hold while it compiles."""
@@ -118,11 +125,8 @@ class CompiledModel:
         self.device = next(model.parameters()).device
         self._caches: dict[int, StaticKVCache] = {}
         kwargs, self._inductor_settings = compile_settings(self.device, freeze, autotune)
-        split = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if saved is None:
-            saved = self.device.type == "cpu" and not split and default_steps_per_call(model) > 1
-        self.saved, self.build = saved, build
-        if not saved:  # (saved steps are exported instead, and loading them needs no part of dynamo: ~0.5 s)
+        self.saved, self.build = saves_steps(model) if saved is None else saved, build
+        if not self.saved:  # (saved steps are exported instead, and loading them needs no part of dynamo: ~0.5 s)
             torch.compiler.assume_constant_result(attention_kernel_available)  # it reads files: dynamo cannot trace it
             # dynamic=False: one graph per batch size, specialized to its shapes, never a symbolic one.
             self._steps = torch.compile(self._unrolled_steps, fullgraph=True, dynamic=False, **kwargs)
@@ -188,6 +192,8 @@ class CompiledModel:
     def _saved_steps(self, key: tuple, args: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The steps through this key's package: loaded from the store (compiled into it first if missing);
         without a package and `build=False`, the same steps run eagerly."""
+        if key in self.unbuilt:  # found missing before (`build=False`): runs eagerly without looking again
+            return self._unrolled_steps(*args)
         tokens, positions, last_position, cache, races = args[:5]
         inputs = (tokens, positions, last_position, tuple(cache.k), tuple(cache.v))
         inputs += () if races is None else (races,)

@@ -59,6 +59,7 @@ def test_other_weights_never_load_them_and_build_false_runs_eagerly(plain, built
     assert expected != plain.generate(PROMPTS[:1], max_new_tokens=20)
     other.compile(max_seq_len=128, autotune=False, build=False)
     assert other.generate(PROMPTS[:1], max_new_tokens=20) == expected and not other.compiled._packages
+    assert other.wants_saved_steps()  # what the CLI asks before compiling them in the background
 
 
 def test_bfloat16_with_the_cpu_kernels_compiles_ahead_of_time():
