@@ -24,7 +24,7 @@ from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, PackedBF16Linear
-from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo
+from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, instruction_set
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
@@ -110,11 +110,13 @@ def machine(device: torch.device) -> dict:
 def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
     """Which matmul each Linear-like layer of the model runs, by its name (layers fused into one matmul are named
     by their members)."""
-    amx = " (AMX from 5 rows)" if amx_available() else ""
-    kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16{amx}",
+    isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(instruction_set() or "", "")
+    amx = ", AMX from 5 rows" if amx_available() else ""
+    kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16 ({isa}{amx})",
              Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",
-             PackedInt8Linear: "modelcode int8 (1-16 rows)"}
-    int4 = {"avx512-bf16": "modelcode int4 (1-16 rows)", "cpu": "PyTorch int4 (CPU)", "cuda": "PyTorch int4 (tinygemm)",
+             PackedInt8Linear: f"modelcode int8 ({isa}, 1-16 rows)"}
+    int4 = {"modelcode-cpu": f"modelcode int4 ({isa}, 1-16 rows)", "cpu": "PyTorch int4 (CPU)",
+            "cuda": "PyTorch int4 (tinygemm)",
             "triton": "modelcode int4, Triton (1-16 rows)"}
     out = {}
     for name, m in model.named_modules():

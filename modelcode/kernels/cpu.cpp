@@ -62,24 +62,9 @@
 
 #include "amx.h"
 #include "bf16.h"
+#include "ops.h"
 
 namespace {
-
-constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, so that several sums are in flight
-// The hardware prefetcher alone leaves the loads waiting on memory (but see kBf16Prefetch); asking ahead keeps them
-// in flight. The int8 and int4 kernels spend longer on each line, so they ask further ahead (int8 on one thread:
-// +20-30%).
-constexpr int64_t kQuantizedPrefetchBytes = 8192;
-// ... as non-temporal data on AMD's cores: weights read once per step, kept out of the outer caches, no longer evict
-// what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster per step).
-// On Intel's server cores a non-temporal line skips L2 and the stream runs at half speed (llama-1b's int8 shapes:
-// 10 against 22 GB/s), so there they are asked for into every level. cpu.py chooses by the CPU's vendor, through
-// MODELCODE_QUANTIZED_PREFETCH ("nta" or "t0"), read once when the library loads. bfloat16 keeps T1: its runs of
-// rows reread each run from cache.
-const bool kQuantizedNonTemporal = [] {
-  const char* v = std::getenv("MODELCODE_QUANTIZED_PREFETCH");
-  return !(v && std::string(v) == "t0");
-}();
 
 // bfloat16 asks a run ahead into L2 (T1), except on AMD's Zen 4, whose hardware prefetcher alone streams faster
 // (compiled llama-1b beside llama.cpp's bfloat16: 0.84-0.92x with T1, 1.14x without): cpu.py chooses by the CPU,
@@ -89,10 +74,6 @@ const bool kBf16Prefetch = [] {
   return !(v && std::string(v) == "none");
 }();
 
-inline void prefetch_quantized(const void* p) {
-  if (kQuantizedNonTemporal) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_NTA);
-  else _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-}
 // bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
 // (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
 // so that it streams in from memory while the later groups compute. Much longer runs leave the memory idle
@@ -310,12 +291,9 @@ void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const u
 
 }  // namespace
 
-// x (M, K) bfloat16, w (N/64, K/2, 4, 16, 2) bfloat16 -> (M, N) bfloat16.
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_mm: x must be (M, K) bfloat16");
+  check_bf16_mm(x, w);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
-  TORCH_CHECK(w.dim() == 5 && w.size(1) * 2 == K && K % 4 == 0 && w.size(2) == kBlocks && w.size(3) == 16 &&
-              w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "bf16_mm: w must be (N/64, K/2, 4, 16, 2)");
   const torch::Tensor xc = x.contiguous();
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* xp = xc.data_ptr<at::BFloat16>();
@@ -355,15 +333,9 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// x (M, K) bfloat16, w (N/64, K/4, 4, 16, 4) uint8 (128 + q), scales (N,) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_mm: x must be (M, K) bfloat16");
+  check_int8_mm(x, w, scales);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
-  TORCH_CHECK(w.dim() == 5 && w.size(1) * 4 == K && K % 128 == 0 && w.size(2) == kBlocks && w.size(3) == 16 &&
-              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "int8_mm: w must be (N/64, K/4, 4, 16, 4) uint8 (pack_int8's) with K % 128 == 0");
-  TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
-              "int8_mm: scales must be (N,) bfloat16");
   const torch::Tensor xc = x.contiguous();
   std::vector<int8_t> digits(M * 3 * K);
   std::vector<double> units(M);
@@ -385,15 +357,9 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
-// x (M, K) bfloat16, w (N/64, K/8, 4, 64) uint8, sz (N/64, K/gs, 2, 64) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_mm: x must be (M, K) bfloat16");
+  check_int4_mm(x, w, sz, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
-  TORCH_CHECK(w.dim() == 4 && w.size(1) * 8 == K && w.size(2) == kBlocks && w.size(3) == 64 &&
-              w.scalar_type() == at::kByte && w.is_contiguous(), "int4_mm: w must be (N/64, K/8, 4, 64) uint8");
-  TORCH_CHECK(group_size % 16 == 0 && K % group_size == 0, "int4_mm: group_size must be a multiple of 16 that divides K");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == K / group_size * 2 * N,
-              "int4_mm: sz must be (N/64, K/group_size, 2, 64) bfloat16");
   const int64_t groups = K / group_size;
   const torch::Tensor xc = x.contiguous();
   const auto* xp = xc.data_ptr<at::BFloat16>();
@@ -426,51 +392,4 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
     }
   });
   return y;
-}
-
-// The same weight as (N, K) bfloat16, for a dense matmul over many rows (prefill): each group's 16 possible
-// values per output are computed once, then every code is a table lookup.
-torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
-  const int64_t K = w.size(1) * 8, N = w.size(0) * 64, groups = K / group_size;
-  TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.numel() == groups * 2 * N, "int4_dequantize: layout");
-  torch::Tensor out = torch::empty({N, K}, sz.options());
-  const auto* wp = w.data_ptr<uint8_t>();
-  const auto* sp = sz.data_ptr<at::BFloat16>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    at::BFloat16 table[64][16];
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const at::BFloat16* s = sp + (nb * groups + g) * 128;
-        for (int n = 0; n < 64; ++n) {
-          for (int q = 0; q < 16; ++q) table[n][q] = static_cast<float>(q - 8) * s[n] + static_cast<float>(s[64 + n]);
-        }
-        for (int64_t c = g * group_size / 8; c < (g + 1) * group_size / 8; ++c) {
-          const uint8_t* run = wp + nb * 32 * K + c * 64 * kBlocks;
-          for (int n = 0; n < 64; ++n) {  // block n / 16, output n % 16: bytes 4i .. 4i+3 of its 64
-            const uint8_t* b = run + 64 * (n / 16) + 4 * (n % 16);
-            const auto& t = table[n];
-            at::BFloat16* row = op + (nb * 64 + n) * K + 8 * c;
-            row[0] = t[b[0] & 0xF], row[1] = t[b[2] & 0xF], row[2] = t[b[0] >> 4], row[3] = t[b[2] >> 4];
-            row[4] = t[b[1] & 0xF], row[5] = t[b[3] & 0xF], row[6] = t[b[1] >> 4], row[7] = t[b[3] >> 4];
-          }
-        }
-      }
-    }
-  });
-  return out;
-}
-
-TORCH_LIBRARY(modelcode, m) {
-  m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
-  m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
-  m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
-  m.def("amx_ready() -> bool", &amx_ready);
-}
-TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
-  m.impl("bf16_mm", &bf16_mm);
-  m.impl("int8_mm", &int8_mm);
-  m.impl("int4_mm", &int4_mm);
-  m.impl("int4_dequantize", &int4_dequantize);
 }

@@ -1,11 +1,14 @@
-"""modelcode's own decoding kernels for CPUs with AVX512-BF16 and VNNI (`cpu.cpp`, where they are explained):
-bfloat16 weights times any number of rows of bfloat16 activations (from 5 rows on, on the AMX tile unit where the
-CPU has one: `amx.cpp`), int8 and int4 weights times a few, and attention for one query per sequence
-(`attention.cpp`), built on first use by PyTorch's C++ extension tools; and the weight layouts they read.
+"""modelcode's own decoding kernels for x86 CPUs, built for the instruction set the CPU has: with AVX-512
+(BF16 and VNNI), `cpu.cpp`, where they are explained: bfloat16 weights times any number of rows of bfloat16
+activations (from 5 rows on, on the AMX tile unit where the CPU has one: `amx.cpp`), int8 and int4 weights times
+a few, and attention for one query per sequence (`attention.cpp`); with AVX2 and FMA, `cpu_avx2.cpp`: the same
+matmuls on the same layouts (decoding's attention stays PyTorch's). Built on first use by PyTorch's C++
+extension tools; and the weight layouts they read.
 
 The build takes ~25 s once per machine (cached under ~/.cache/modelcode/, keyed by the sources, see
-`build_directory`) and needs a C++ compiler, as torch.compile on CPU does. Where the CPU lacks the
-instructions, the build fails, or MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead.
+`build_directory`) and needs a C++ compiler, as torch.compile on CPU does. Where the CPU has neither instruction
+set, the build fails, or MODELCODE_NO_CPU_KERNELS is set, PyTorch's own kernels run instead;
+MODELCODE_CPU_KERNELS=avx2 builds the AVX2 kernels on a CPU that has AVX-512 too.
 """
 
 import contextlib
@@ -15,16 +18,36 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 NAME = "modelcode_cpu_kernels"
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu.cpp", "attention.cpp", "amx.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("bf16.h", "amx.h")]
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
-BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features must be a multiple
+
+
+@dataclass(frozen=True)
+class Build:
+    """One instruction set's build of the kernels: the flags the CPU must report, the compiler's, the sources."""
+
+    cpu_flags: tuple[str, ...]
+    compiler_flags: tuple[str, ...]
+    sources: tuple[str, ...]
+    attention: bool  # whether it has the decode-attention kernel
+
+    def paths(self) -> list[str]:
+        return [str(Path(__file__).with_name(name)) for name in self.sources]
+
+
+BUILDS = {  # the first whose flags the CPU reports is built
+    "avx512": Build(("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"),
+                    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"),
+                    ("ops.cpp", "cpu.cpp", "attention.cpp", "amx.cpp"), True),
+    "avx2": Build(("avx2", "fma", "f16c"), ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
+                  ("ops.cpp", "cpu_avx2.cpp"), False),
+}
+HEADERS = [Path(__file__).with_name(name) for name in ("bf16.h", "amx.h", "ops.h")]
 
 
 def cpuinfo(field: str) -> str:
@@ -39,6 +62,22 @@ def cpuinfo(field: str) -> str:
 def cpu_flags() -> set[str]:
     """The instruction-set flags the CPU reports."""
     return set(cpuinfo("flags").split())
+
+
+def instruction_set() -> str | None:
+    """Which build of the kernels (a key of BUILDS) runs here: MODELCODE_CPU_KERNELS's where set, else the first
+    whose flags the CPU reports; None where none does."""
+    chosen = os.environ.get("MODELCODE_CPU_KERNELS")
+    if chosen and chosen not in BUILDS:
+        raise ValueError(f"MODELCODE_CPU_KERNELS={chosen!r}: give {' or '.join(BUILDS)} (or unset it to choose by "
+                         "the CPU)")
+    flags = cpu_flags()
+    return chosen or next((name for name, build in BUILDS.items() if set(build.cpu_flags) <= flags), None)
+
+
+def chosen_build() -> Build:
+    """The build `instruction_set` names (the AVX-512 one where none fits: it is not built then)."""
+    return BUILDS[instruction_set() or "avx512"]
 
 
 def quantized_prefetch() -> str:
@@ -66,8 +105,9 @@ def bf16_prefetch() -> str:
 def build_directory() -> Path:
     """Where this copy of the kernels is built: keyed by a hash of the sources, the build flags and the torch
     and Python versions, so installs of different sources never rebuild each other's, and alike ones share."""
+    build = chosen_build()
     key = hashlib.sha256()
-    for part in [*(Path(f).read_bytes() for f in [*SOURCES, *HEADERS]), *map(str.encode, BUILD_FLAGS),
+    for part in [*(Path(f).read_bytes() for f in [*build.paths(), *HEADERS]), *map(str.encode, build.compiler_flags),
                  torch.__version__.encode(), sys.version.encode()]:
         key.update(part)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -112,8 +152,8 @@ def kernels_available() -> bool:
             # waits for it forever; ours is released by the OS when its process dies, and while we hold it no
             # build is running, so theirs can only be stale.
             (folder / "lock").unlink(missing_ok=True)
-            load(NAME, SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
-                 is_python_module=False)
+            load(NAME, chosen_build().paths(), extra_cflags=list(chosen_build().compiler_flags),
+                 extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
     except Exception as e:  # no compiler, no headers, ...: PyTorch's own kernels still work
         failed.write_text(str(e))
         print(" failed" if not built else "", file=sys.stderr)
@@ -139,9 +179,10 @@ def kernels_available() -> bool:
     def _(w, sz, group_size):
         return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 8)
 
-    @torch.library.register_fake("modelcode::decode_attention")
-    def _(q, k, v, mask):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if chosen_build().attention:
+        @torch.library.register_fake("modelcode::decode_attention")
+        def _(q, k, v, mask):
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return True
 
@@ -150,8 +191,11 @@ def why_unavailable() -> str | None:
     """Why `kernels_available` says no here, in one line; None where it says yes or has not tried to build."""
     if os.environ.get("MODELCODE_NO_CPU_KERNELS"):
         return "MODELCODE_NO_CPU_KERNELS is set"
-    if not set(NEEDED_CPU_FLAGS) <= cpu_flags():
-        return f"this CPU lacks {', '.join(sorted(set(NEEDED_CPU_FLAGS) - cpu_flags()))}"
+    isa = instruction_set()
+    if isa is None:
+        return "this CPU has neither AVX-512 (BF16, VNNI) nor AVX2 with FMA"
+    if missing := set(BUILDS[isa].cpu_flags) - cpu_flags():
+        return f"this CPU lacks {', '.join(sorted(missing))} (MODELCODE_CPU_KERNELS={isa})"
     failed = build_directory() / "build-failed.log"
     if failed.exists():
         return f"the build failed ({failed}): {failed.read_text().strip()[-300:]}"
@@ -164,9 +208,10 @@ def amx_available() -> bool:
 
 
 def attention_kernel_available() -> bool:
-    """`kernels_available`, which torch.compile takes as a constant of the graph (it reads files): compiling marks
-    it so (`generation/compile.py`), not this module, whose import would otherwise import dynamo (~1.5 s)."""
-    return kernels_available()
+    """`kernels_available` with the decode-attention kernel (the AVX-512 build), which torch.compile takes as a
+    constant of the graph (it reads files): compiling marks it so (`generation/compile.py`), not this module,
+    whose import would otherwise import dynamo (~1.5 s)."""
+    return kernels_available() and chosen_build().attention
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:

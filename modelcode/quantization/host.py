@@ -49,7 +49,7 @@ def mode_of(layer: nn.Module) -> str | None:
     if not isinstance(layer, QUANTIZED):
         return None
     scales = layer.scales_and_zeros if isinstance(layer, PackedInt4Linear) else layer.scales
-    readable = not isinstance(layer, PackedInt4Linear) or layer.kernel == "avx512-bf16"  # PyTorch's layout is not
+    readable = not isinstance(layer, PackedInt4Linear) or layer.kernel == "modelcode-cpu"  # PyTorch's layout is not
     return layer_scheme(layer).mode if readable and scales.is_cpu and scales.dtype == torch.bfloat16 else None
 
 

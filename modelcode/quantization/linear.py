@@ -109,7 +109,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def pack(self) -> nn.Module:
-        """A `PackedInt8Linear` where modelcode's int8 kernel runs (CPU with AVX512-BF16 and VNNI, bfloat16
+        """A `PackedInt8Linear` where modelcode's int8 kernel runs (an x86 CPU with AVX-512 or AVX2, bfloat16
         scales, in_features a multiple of 128, out_features of 64), else this layer itself."""
         fits = (self.weight.device.type == "cpu" and self.scales.dtype == torch.bfloat16
                 and int8_fits(self.in_features, self.out_features) and kernels_available())
@@ -241,14 +241,14 @@ class Int4Linear(nn.Module):
 
 
 def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> tuple[str | None, str]:
-    """Which int4 kernel runs a layer ("avx512-bf16" and "triton": modelcode's own, see kernels/cpu.py and
+    """Which int4 kernel runs a layer ("modelcode-cpu" and "triton": modelcode's own, see kernels/cpu.py and
     kernels/triton_gemv.py; "cpu" or "cuda": PyTorch's), or None and the reason why none does. All need
     in_features % 32 == 0, which every supported group size guarantees."""
     if device.type == "cpu":
         if out_features % 16:
             return None, f"the CPU int4 kernel needs out_features divisible by 16 (got {out_features})"
         if dtype == torch.bfloat16 and out_features % OUTPUTS_PER_BLOCK == 0 and kernels_available():
-            return "avx512-bf16", ""
+            return "modelcode-cpu", ""
         return "cpu", ""
     if device.type == "cuda":
         if dtype in GPU_KERNEL_DTYPES and torch.cuda.get_device_capability(device) >= (8, 0) and triton_ready():
@@ -266,7 +266,7 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
 class PackedInt4Linear(nn.Module):
     """`Int4Linear` with its weight rearranged for an int4 matmul kernel on one device.
 
-    CPU with AVX512-BF16, bfloat16: modelcode's kernel (kernels/cpu.cpp) for up to `INT4_KERNEL_MAX_ROWS`
+    x86 CPU with AVX-512 or AVX2, bfloat16: modelcode's kernel (kernels/cpu.cpp) for up to `INT4_KERNEL_MAX_ROWS`
     rows (decoding), ~1.4x faster than PyTorch's at one row; more rows (prefill) dequantize the weight (in
     C++) and run a dense bfloat16 matmul, which PyTorch's packed layout does not allow.
 
@@ -290,7 +290,7 @@ class PackedInt4Linear(nn.Module):
     def outputs_stack(self) -> bool:
         """Whether its tensors stack along the outputs into one layer of this kind (kernels/fuse.py): in
         modelcode's layout, not in PyTorch's."""
-        return self.kernel == "avx512-bf16"
+        return self.kernel == "modelcode-cpu"
 
     def __init__(self, layer: Int4Linear, kernel: str):
         super().__init__()
@@ -301,7 +301,7 @@ class PackedInt4Linear(nn.Module):
             self.register_buffer("scales_and_zeros", torch.stack([layer.scales, layer.zeros], dim=-1).detach())
             self.bias = layer.bias
             return
-        if kernel == "avx512-bf16":
+        if kernel == "modelcode-cpu":
             packed, scales_and_zeros = pack_int4(unpack_nibbles(layer.weight), layer.scales, layer.zeros)
             self.register_buffer("weight", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
@@ -324,9 +324,9 @@ class PackedInt4Linear(nn.Module):
             y = triton_gemv().int4_gemv(rows, self.weight, *self.scales_and_zeros.unbind(-1), self.group_size)
         elif self.kernel == "triton":
             y = F.linear(rows, dequantize_int4(self.weight, *self.scales_and_zeros.unbind(-1)).to(x.dtype))
-        elif self.kernel == "avx512-bf16" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
+        elif self.kernel == "modelcode-cpu" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
             y = F.linear(rows, dequantize_packed(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
-        elif self.kernel == "avx512-bf16":
+        elif self.kernel == "modelcode-cpu":
             y = int4_mm(rows, self.weight, self.scales_and_zeros, self.group_size)
         else:
             mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu"
@@ -349,7 +349,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         return dequantize_int8(unpack_int8(layer.weight), layer.scales)
     if isinstance(layer, Int4Linear):
         return dequantize_int4(layer.weight, layer.scales, layer.zeros)
-    if isinstance(layer, PackedInt4Linear) and layer.kernel == "avx512-bf16":
+    if isinstance(layer, PackedInt4Linear) and layer.kernel == "modelcode-cpu":
         return dequantize_packed(layer.weight, layer.scales_and_zeros, layer.group_size)
     if isinstance(layer, PackedInt4Linear) and layer.kernel == "triton":
         return dequantize_int4(layer.weight, *layer.scales_and_zeros.unbind(-1))

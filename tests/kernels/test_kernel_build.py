@@ -16,19 +16,65 @@ def test_build_directory_is_keyed_by_the_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     ours = cpu.build_directory()
     assert ours.parent == tmp_path / "modelcode"
-    copies = [shutil.copy(f, tmp_path / f.rsplit("/", 1)[-1]) for f in cpu.SOURCES]
-    monkeypatch.setattr(cpu, "SOURCES", copies)
+    copies = [shutil.copy(f, tmp_path / f.rsplit("/", 1)[-1]) for f in cpu.chosen_build().paths()]
+    monkeypatch.setattr(cpu.Build, "paths", lambda self: copies)
     assert cpu.build_directory() == ours  # another install of the same sources shares the build
     with open(copies[0], "a") as f:
         f.write("\n// changed\n")
     assert cpu.build_directory() != ours
 
 
+def test_each_instruction_set_builds_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folders = set()
+    for isa in cpu.BUILDS:
+        monkeypatch.setenv("MODELCODE_CPU_KERNELS", isa)
+        folders.add(cpu.build_directory())
+    assert len(folders) == len(cpu.BUILDS)
+
+
+AVX512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags, chosen", [(AVX512, "avx512"), ({"avx2", "fma", "f16c", "avx512f"}, "avx2"),
+                                           ({"avx2", "fma", "f16c"}, "avx2"), ({"avx", "sse4_2"}, None)])
+def test_the_build_is_chosen_by_the_cpus_instruction_sets(flags, chosen, monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("MODELCODE_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("MODELCODE_NO_CPU_KERNELS", raising=False)
+    assert cpu.instruction_set() == chosen
+    if chosen is None:
+        assert cpu.why_unavailable() == "this CPU has neither AVX-512 (BF16, VNNI) nor AVX2 with FMA"
+    monkeypatch.setenv("MODELCODE_CPU_KERNELS", "avx512")  # asked for: used where the CPU has it, else said why
+    assert cpu.instruction_set() == "avx512"
+    if chosen != "avx512":
+        assert cpu.why_unavailable().startswith("this CPU lacks ")
+    monkeypatch.setenv("MODELCODE_CPU_KERNELS", "sse")
+    with pytest.raises(ValueError, match="MODELCODE_CPU_KERNELS='sse': give avx512 or avx2"):
+        cpu.instruction_set()
+
+
+def test_the_avx2_kernels_on_a_cpu_that_has_avx512_too():
+    """Where the AVX-512 build runs, the AVX2 one is checked too: the kernel tests again, in a fresh process
+    (a process loads one build of the operations) that asks for it."""
+    if cpu.instruction_set() != "avx512" or not cpu.kernels_available():
+        pytest.skip(f"this session's kernel tests run the {cpu.instruction_set()} build, if any")
+    tests = Path(__file__).parents[1]
+    files = [str(tests / "kernels" / "test_cpu_kernels.py"), str(tests / "quantization" / "test_linear.py")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "bf16 or our", *files],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MODELCODE_CPU_KERNELS": "avx2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    assert "used (avx2 build)" in done.stdout
+
+
 def test_a_failed_build_says_so_in_one_line_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.delenv("MODELCODE_NO_CPU_KERNELS", raising=False)
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: set(cpu.NEEDED_CPU_FLAGS))
+    flags = set(cpu.chosen_build().cpu_flags)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     build = cpu.kernels_available.__wrapped__  # not the process's cached answer
     assert not build()
     status, failure = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,358 @@
+// The matmul kernels of cpu.cpp for x86 CPUs with AVX2 and FMA but no AVX-512 (AMD's Zen 1-3, Intel's cores
+// without AVX-512): the same operations on the same weight layouts (explained in cpu.cpp), each 64-byte line of
+// weights taken as two 32-byte halves of 8 outputs, without AVX512-BF16's `vdpbf16ps` and VNNI's `vpdpbusd`.
+//
+// bfloat16: a bfloat16 is the top half of a float32, so a 32-bit word of the layout (one output's pair of inputs)
+// gives the odd input's weight by masking off its low half and the even one's by shifting it up: two `vfmadd`
+// per word, against a float32 broadcast of each activation.
+//
+// int8 and int4: as in cpu.cpp, the activations become integers, written in a few signed byte digits, and the
+// codes are multiplied by a digit of the activations at a time, exactly, in integers: `vpmaddubsw` multiplies 32
+// unsigned code bytes by 32 signed digit bytes and adds adjacent products into 16 bits, `vpmaddwd` by ones adds
+// adjacent 16-bit sums into 32 bits, so a 32-bit lane sums the 4 bytes it holds, all of one output. The 16-bit
+// sums saturate, which bounds the digits: int8's codes (128 + q, up to 255) take 7-bit digits (|d| <= 64:
+// 2 x 255 x 64 < 2^15), four of them, the row scaled to [2^26, 2^27) (finer than cpu.cpp's 2^22: a row's small
+// activations still count beside an outlier 2^16 times larger); int4's codes (0..15) take 8-bit digits, three of
+// them (the row scaled to [2^21, 2^22), as cpu.cpp's int8), and their 16-bit sums add up over 32 inputs before
+// they are widened. The digits' sums would need 24 or more registers of 8 outputs for one 64-output block, more
+// than AVX2's 16, so the digits take turns over a span of weights small enough to stay in the L1 cache: memory
+// is read once, the cache once per digit.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+constexpr int64_t kRunPairs = 128;  // bfloat16, several rows: input pairs per run of weights reread from cache
+constexpr int64_t kTileRows = 128;
+constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of the three digits (8 KB of weights per block)
+constexpr int64_t kInt4Span = 32;   // int4: inputs per widening of the 16-bit sums (30720 < 2^15 at most)
+
+inline __m256 load_bf16x8(const at::BFloat16* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline void store_bf16x8(at::BFloat16* y, __m256 v) {  // rounded to nearest even, NaN kept, as PyTorch's conversion
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // words 0..7 in the low half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_castsi256_si128(packed));
+}
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline int64_t sum_i32(__m256i v) {  // in 64 bits: 8 lanes of up to 2^29
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t s = 0;
+  for (int32_t l : lanes) s += l;
+  return s;
+}
+
+inline float sum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// bfloat16: R rows of x against NB of a 64-output block's 4 blocks of 16 outputs, from block b0, over the input
+// pairs c0..c1, with sums (R, 64) carried between runs as cpu.cpp's dot_64_bf16 does. Every output's sum is added
+// in the same order (pair after pair, even input then odd) whatever R, NB and the runs, so an output does not
+// depend on what else is in the batch.
+template <int R, int NB>
+void dot_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int b0, int64_t c0, int64_t c1, float* sums,
+              at::BFloat16* y, int64_t ldy) {
+  __m256 acc[R][NB][2];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b)
+      for (int h = 0; h < 2; ++h) {
+        acc[r][b][h] = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + 64 * r + 16 * (b0 + b) + 8 * h);
+      }
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t c = c0; c < c1; ++c) {  // pair c: 256 bytes, 4 lines
+    const uint8_t* wc = w + c * 64 * kBlocks + 64 * b0;
+    __m256 even[R], odd[R];  // inputs 2c and 2c+1 of each row, broadcast
+    for (int r = 0; r < R; ++r) {
+      const int32_t pair = load_i32(x + r * K + 2 * c);
+      even[r] = _mm256_castsi256_ps(_mm256_set1_epi32(pair << 16));
+      odd[r] = _mm256_castsi256_ps(_mm256_set1_epi32(pair & static_cast<int32_t>(0xFFFF0000u)));
+    }
+    for (int b = 0; b < NB; ++b) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for (int r = 0; r < R; ++r) {
+          acc[r][b][h] = _mm256_fmadd_ps(wo, odd[r], _mm256_fmadd_ps(we, even[r], acc[r][b][h]));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = 16 * (b0 + b) + 8 * h;
+        if (y) store_bf16x8(y + r * ldy + at, acc[r][b][h]);
+        else _mm256_storeu_ps(sums + 64 * r + at, acc[r][b][h]);
+      }
+}
+
+// A row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e the power of two that puts max |x_k| in
+// [2^(top-1), 2^top), each written as `count` signed digits of `bits` bits, v = sum_j 2^(j bits) d_j (the last
+// one takes what is left: top = count x bits - 1 keeps it within +-2^(bits-1)), into planes of K bytes
+// (digits[j K + p]); within each 8 inputs, position p holds input order[p]. Returns 2^-e (NaN if x holds a NaN
+// or an infinity); sums32 (K/32,) gets each 32 inputs' sum of v, xsum32 (if given) their sum of x.
+struct Digits {
+  int top, bits, count;
+  __m256i order;
+};
+constexpr int kMaxDigits = 4;
+
+double to_digits(const at::BFloat16* x, int64_t K, const Digits& f, int8_t* digits, int64_t* sums32, float* xsum32) {
+  __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 v = load_bf16x8(x + k);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float largest = 0;
+  for (float l : lanes) largest = std::max(largest, l);
+  if (_mm256_movemask_ps(nan) || !std::isfinite(largest)) return std::nan("");  // NaN in, NaN out
+  int e2 = 0;
+  std::frexp(largest, &e2);  // largest in [2^(e2-1), 2^e2)
+  const int e = f.top - e2;
+  const __m256 up = _mm256_set1_ps(std::ldexp(1.0f, e));  // exact: a power of two
+  const int shift = 32 - f.bits;
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    __m256i vsum = _mm256_setzero_si256();
+    __m256 xs = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k0 + 32; k += 8) {
+      const __m256 xv = load_bf16x8(x + k);
+      xs = _mm256_add_ps(xs, xv);
+      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(xv, up)), f.order);
+      vsum = _mm256_add_epi32(vsum, v);
+      __m256i d[kMaxDigits], rest = v;
+      for (int j = 0; j < f.count; ++j) {
+        d[j] = j + 1 == f.count ? rest : _mm256_srai_epi32(_mm256_slli_epi32(rest, shift), shift);  // sign-extended
+        rest = _mm256_srai_epi32(_mm256_sub_epi32(rest, d[j]), f.bits);
+      }
+      for (int j = 0; j < f.count; ++j) {  // 8 int32 -> 8 bytes
+        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(d[j], d[j]), 0x08);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k),
+                         _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_castsi256_si128(w16)));
+      }
+    }
+    sums32[k0 / 32] = sum_i32(vsum);
+    if (xsum32) xsum32[k0 / 32] = sum_ps(xs);
+  }
+  return std::ldexp(1.0, -e);
+}
+
+const Digits kInt8Digits{27, 7, 4, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)};
+// int4: a 32-bit lane of a line holds one output's 8 codes of inputs 8c..8c+7 (cpu.cpp's layout), its bytes' low
+// nibbles those of inputs 8c, 8c+4, 8c+1, 8c+5 and their high nibbles 8c+2, 8c+6, 8c+3, 8c+7: the digits are
+// stored in that order, so that 4 bytes of them broadcast meet the low nibbles and the next 4 the high ones.
+const Digits kInt4Digits{22, 8, 3, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)};
+
+// int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,). The
+// digits take turns over each span of kInt8Span inputs; their exact 32-bit sums are added in float64 (below 2^53,
+// so exactly): sum_j 2^(7j) sum_k d_jk (128 + q_nk) - 128 sum_k v_k, times 2^-e, then the scale.
+constexpr int kInt8DigitCount = 4;
+void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uint8_t* w, int64_t K,
+                 const at::BFloat16* s, at::BFloat16* y) {
+  alignas(32) double total[64] = {};
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k0 = 0; k0 < K; k0 += kInt8Span) {
+    for (int j = 0; j < kInt8DigitCount; ++j) {
+      __m256i acc[kBlocks][2];
+      for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
+      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
+        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + 4 * c));
+        const uint8_t* wc = w + c * 64 * kBlocks;
+        // the later digits' turns read the span from cache: each run asks for a line of the next span (128 lines,
+        // one per run of the 4 turns), so that memory keeps streaming meanwhile
+        prefetch_quantized(w + (k0 + kInt8Span) * 64 + (j * kInt8Span / 4 + c - k0 / 4) * 64);
+        for (int b = 0; b < kBlocks; ++b)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
+            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v, digit), ones));
+          }
+      }
+      const __m256d weight = _mm256_set1_pd(static_cast<double>(1 << (7 * j)));
+      for (int b = 0; b < kBlocks; ++b)
+        for (int h = 0; h < 2; ++h)
+          for (int q = 0; q < 2; ++q) {
+            double* t = total + 16 * b + 8 * h + 4 * q;
+            const __m128i part = q ? _mm256_extracti128_si256(acc[b][h], 1) : _mm256_castsi256_si128(acc[b][h]);
+            _mm256_store_pd(t, _mm256_fmadd_pd(_mm256_cvtepi32_pd(part), weight, _mm256_load_pd(t)));
+          }
+    }
+  }
+  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(digit_sum)), down = _mm256_set1_pd(unit);
+  for (int n = 0; n < 64; n += 8) {
+    const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n), offset), down));
+    const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n + 4), offset), down));
+    store_bf16x8(y + n, _mm256_mul_ps(_mm256_set_m128(hi, lo), load_bf16x8(s + n)));
+  }
+}
+
+// int4: one row's digits against the 64 outputs whose weights start at w and scales and zeros at sz: y (64,).
+// Per 32 inputs and 8 outputs, the three digits' 16-bit sums are widened and joined exactly in 32 bits,
+//   sum_k v_k (q_nk - 8) = sum_j 2^(8j) sum_k d_jk q_nk - 8 sum_k v_k        (|.| < 2^31),
+// then, per group, times 2^-e and the scale, plus the zero times the group's sum of x, as cpu.cpp's add_group.
+void dot_64_int4(const int8_t* digits, const int64_t* sums32, const float* xsum32, double unit, const uint8_t* w,
+                 const at::BFloat16* sz, at::BFloat16* y, int64_t K, int64_t gs) {
+  alignas(32) float acc[64] = {}, centered[64];
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256 down = _mm256_set1_ps(static_cast<float>(unit));
+  for (int64_t g = 0; g < K / gs; ++g) {
+    std::memset(centered, 0, sizeof(centered));
+    float xsum = 0;
+    for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kInt4Span) {
+      xsum += xsum32[k0 / 32];
+      __m256i d[3][4][2];  // [digit][run][low, high nibbles]: the span's 4 runs of 8 inputs, 4 bytes broadcast
+      for (int j = 0; j < 3; ++j)
+        for (int c = 0; c < 4; ++c)
+          for (int n = 0; n < 2; ++n) d[j][c][n] = _mm256_set1_epi32(load_i32(digits + j * K + k0 + 8 * c + 4 * n));
+      const __m256i eight_v = _mm256_set1_epi32(static_cast<int32_t>(8 * sums32[k0 / 32]));  // < 2^30
+      const uint8_t* ws = w + k0 / 8 * 64 * kBlocks;
+      for (int b = 0; b < kBlocks; ++b)
+        for (int h = 0; h < 2; ++h) {
+          for (int line = 0; line < 2; ++line) prefetch_quantized(ws + kQuantizedPrefetchBytes + 64 * (4 * b + 2 * h + line));
+          __m256i part[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+          for (int c = 0; c < 4; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + c * 64 * kBlocks + 64 * b + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int j = 0; j < 3; ++j) {
+              part[j] = _mm256_add_epi16(part[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, d[j][c][0]),
+                                                                   _mm256_maddubs_epi16(hi, d[j][c][1])));
+            }
+          }
+          __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(part[0], ones), eight_v);
+          t = _mm256_add_epi32(t, _mm256_slli_epi32(_mm256_madd_epi16(part[1], ones), 8));
+          t = _mm256_add_epi32(t, _mm256_slli_epi32(_mm256_madd_epi16(part[2], ones), 16));
+          float* cn = centered + 16 * b + 8 * h;
+          _mm256_store_ps(cn, _mm256_add_ps(_mm256_load_ps(cn), _mm256_cvtepi32_ps(t)));
+        }
+    }
+    const at::BFloat16* scales = sz + 128 * g;
+    const __m256 xs = _mm256_set1_ps(xsum);
+    for (int n = 0; n < 64; n += 8) {
+      __m256 a = _mm256_fmadd_ps(load_bf16x8(scales + n), _mm256_mul_ps(_mm256_load_ps(centered + n), down),
+                                 _mm256_load_ps(acc + n));
+      _mm256_store_ps(acc + n, _mm256_fmadd_ps(load_bf16x8(scales + 64 + n), xs, a));
+    }
+  }
+  for (int n = 0; n < 64; n += 8) store_bf16x8(y + n, _mm256_load_ps(acc + n));
+}
+
+}  // namespace
+
+bool amx_ready() { return false; }
+
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
+  check_bf16_mm(x, w);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {  // as cpu.cpp: tiles of rows, runs of each block's weights
+    const int64_t rows = std::min(kTileRows, M - t0);
+    at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(rows * 64);
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const uint8_t* wb = wp + nb * 128 * K;
+        for (int64_t c0 = 0; c0 < K / 2; c0 += kRunPairs) {
+          const int64_t c1 = std::min(K / 2, c0 + kRunPairs);
+          for (int64_t m = t0; m < t0 + rows;) {
+            const at::BFloat16* xm = xp + m * K;
+            float* sm = sums.data() + (m - t0) * 64;
+            at::BFloat16* ym = c1 == K / 2 ? yp + m * N + nb * 64 : nullptr;
+            if (t0 + rows - m >= 2) {  // two rows at once, half the blocks at a time: 8 sums in registers
+              dot_bf16<2, 2>(xm, K, wb, 0, c0, c1, sm, ym, N);
+              dot_bf16<2, 2>(xm, K, wb, 2, c0, c1, sm, ym, N);
+              m += 2;
+            } else {
+              dot_bf16<1, 4>(xm, K, wb, 0, c0, c1, sm, ym, N);
+              m += 1;
+            }
+          }
+        }
+      }
+    });
+  }
+  return y;
+}
+
+torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
+  check_int8_mm(x, w, scales);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
+  const torch::Tensor xc = x.contiguous();
+  constexpr int D = kInt8DigitCount;
+  std::vector<int8_t> digits(M * D * K);
+  std::vector<int64_t> sums32(M * K / 32);
+  std::vector<double> units(M);
+  std::vector<int64_t> sums(M);
+  for (int64_t m = 0; m < M; ++m) {
+    units[m] = to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, kInt8Digits, &digits[m * D * K], &sums32[m * K / 32],
+                         nullptr);
+    for (int64_t i = 0; i < K / 32; ++i) sums[m] += sums32[m * K / 32 + i];
+  }
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = scales.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
+        dot_64_int8(&digits[m * D * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
+  check_int4_mm(x, w, sz, group_size);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64, groups = K / group_size;
+  const torch::Tensor xc = x.contiguous();
+  std::vector<int8_t> digits(M * 3 * K);
+  std::vector<int64_t> sums32(M * K / 32);
+  std::vector<float> xsum32(M * K / 32);
+  std::vector<double> units(M);
+  for (int64_t m = 0; m < M; ++m) {
+    units[m] = to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, kInt4Digits, &digits[m * 3 * K], &sums32[m * K / 32],
+                         &xsum32[m * K / 32]);
+  }
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = sz.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
+        dot_64_int4(&digits[m * 3 * K], &sums32[m * K / 32], &xsum32[m * K / 32], units[m], wp + nb * 32 * K,
+                    sp + nb * 128 * groups, yp + m * N + nb * 64, K, group_size);
+      }
+    }
+  });
+  return y;
+}
