@@ -6,22 +6,22 @@
 // gives the odd input's weight by masking off its low half and the even one's by shifting it up: two `vfmadd`
 // per word, against a float32 broadcast of each activation.
 //
-// int8 and int4: as in cpu.cpp, the activations become integers, written in a few signed byte digits, and the
-// codes are multiplied by a digit of the activations at a time, exactly, in integers: `vpmaddubsw` multiplies 32
-// unsigned code bytes by 32 signed digit bytes and adds adjacent products into 16 bits, `vpmaddwd` by ones adds
-// adjacent 16-bit sums into 32 bits, so a 32-bit lane sums the 4 bytes it holds, all of one output. The 16-bit
-// sums saturate, which bounds the digits: int8's codes (128 + q, up to 255) take 7-bit digits (|d| <= 64:
-// 2 x 255 x 64 < 2^15), four of them, the row scaled to [2^26, 2^27) (finer than cpu.cpp's 2^22: a row's small
-// activations still count beside an outlier 2^16 times larger); int4's codes (0..15) take 8-bit digits, three of
-// them (the row scaled to [2^21, 2^22), as cpu.cpp's int8), and their 16-bit sums add up over 32 inputs before
-// they are widened. The digits' sums would need 24 or more registers of 8 outputs for one 64-output block, more
-// than AVX2's 16, so the digits take turns over a span of weights small enough to stay in the L1 cache: memory
-// is read once, the cache once per digit.
+// int8 and int4: as in cpu.cpp, the activations become integers, exactly where it matters, and the codes are
+// multiplied by them in integers, 16 outputs' worth of codes per 64-byte line:
+//   int8: the row scaled to [2^21, 2^22) (as cpu.cpp) and written as two 16-bit words, the codes (128 + q) widened
+//     to 16 bits, and `vpmaddwd` multiplies 16 codes by 16 words and adds pairs of products into 32 bits.
+//   int4: each 32 inputs scaled on their own to [2^13, 2^14) and written as two signed byte digits, and
+//     `vpmaddubsw` multiplies 32 code bytes' low (or high) nibbles by 32 digit bytes and adds pairs of products
+//     into 16 bits (no more than 2 x 15 x 128 each, so 8 of them add up in 16 bits: a group of 32 inputs), which
+//     `vpmaddwd` by ones adds in pairs into 32 bits, so a 32-bit lane sums the 8 codes it holds, all of one output.
+// Both read their weights from memory once, ask for them ahead as cpu.cpp's kernels do, and are exact up to the
+// rounding of the activations (see to_words and kInt4): outputs do not depend on what else is in the batch.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -31,8 +31,7 @@ namespace {
 
 constexpr int64_t kRunPairs = 128;  // bfloat16, several rows: input pairs per run of weights reread from cache
 constexpr int64_t kTileRows = 128;
-constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of the three digits (8 KB of weights per block)
-constexpr int64_t kInt4Span = 32;   // int4: inputs per widening of the 16-bit sums (30720 < 2^15 at most)
+constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of the 4 blocks over a span of weights (8 KB, in L1)
 
 inline __m256 load_bf16x8(const at::BFloat16* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -110,21 +109,12 @@ void dot_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int b0, int64_
       }
 }
 
-// A row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e the power of two that puts max |x_k| in
-// [2^(top-1), 2^top), each written as `count` signed digits of `bits` bits, v = sum_j 2^(j bits) d_j (the last
-// one takes what is left: top = count x bits - 1 keeps it within +-2^(bits-1)), into planes of K bytes
-// (digits[j K + p]); within each 8 inputs, position p holds input order[p]. Returns 2^-e (NaN if x holds a NaN
-// or an infinity); sums32 (K/32,) gets each 32 inputs' sum of v, xsum32 (if given) their sum of x.
-struct Digits {
-  int top, bits, count;
-  __m256i order;
-};
-constexpr int kMaxDigits = 4;
-
-double to_digits(const at::BFloat16* x, int64_t K, const Digits& f, int8_t* digits, int64_t* sums32, float* xsum32) {
+// The power of two 2^-e such that 2^e puts max |x_k| of n values (n % 8 == 0) in [2^(top-1), 2^top); NaN where x
+// holds a NaN or an infinity (then so do the outputs).
+float unit_for(const at::BFloat16* x, int64_t n, int top) {
   __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t k = 0; k < K; k += 8) {
+  for (int64_t k = 0; k < n; k += 8) {
     const __m256 v = load_bf16x8(x + k);
     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
@@ -133,78 +123,80 @@ double to_digits(const at::BFloat16* x, int64_t K, const Digits& f, int8_t* digi
   _mm256_store_ps(lanes, amax);
   float largest = 0;
   for (float l : lanes) largest = std::max(largest, l);
-  if (_mm256_movemask_ps(nan) || !std::isfinite(largest)) return std::nan("");  // NaN in, NaN out
+  if (_mm256_movemask_ps(nan) || !std::isfinite(largest)) return std::nanf("");
   int e2 = 0;
   std::frexp(largest, &e2);  // largest in [2^(e2-1), 2^e2)
-  const int e = f.top - e2;
-  const __m256 up = _mm256_set1_ps(std::ldexp(1.0f, e));  // exact: a power of two
-  const int shift = 32 - f.bits;
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    __m256i vsum = _mm256_setzero_si256();
-    __m256 xs = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k0 + 32; k += 8) {
-      const __m256 xv = load_bf16x8(x + k);
-      xs = _mm256_add_ps(xs, xv);
-      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(xv, up)), f.order);
-      vsum = _mm256_add_epi32(vsum, v);
-      __m256i d[kMaxDigits], rest = v;
-      for (int j = 0; j < f.count; ++j) {
-        d[j] = j + 1 == f.count ? rest : _mm256_srai_epi32(_mm256_slli_epi32(rest, shift), shift);  // sign-extended
-        rest = _mm256_srai_epi32(_mm256_sub_epi32(rest, d[j]), f.bits);
-      }
-      for (int j = 0; j < f.count; ++j) {  // 8 int32 -> 8 bytes
-        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(d[j], d[j]), 0x08);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k),
-                         _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_castsi256_si128(w16)));
-      }
-    }
-    sums32[k0 / 32] = sum_i32(vsum);
-    if (xsum32) xsum32[k0 / 32] = sum_ps(xs);
-  }
-  return std::ldexp(1.0, -e);
+  return std::ldexp(1.0f, std::max(e2, -100) - top);  // a row of tiny values (below 2^-100) counts as zeros
 }
 
-const Digits kInt8Digits{27, 7, 4, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)};
-// int4: a 32-bit lane of a line holds one output's 8 codes of inputs 8c..8c+7 (cpu.cpp's layout), its bytes' low
-// nibbles those of inputs 8c, 8c+4, 8c+1, 8c+5 and their high nibbles 8c+2, 8c+6, 8c+3, 8c+7: the digits are
-// stored in that order, so that 4 bytes of them broadcast meet the low nibbles and the next 4 the high ones.
-const Digits kInt4Digits{22, 8, 3, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)};
+// 8 int32 -> 8 int16 (in range)
+inline __m128i to_int16(__m256i v) {
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08));
+}
 
-// int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,). The
-// digits take turns over each span of kInt8Span inputs; their exact 32-bit sums are added in float64 (below 2^53,
-// so exactly): sum_j 2^(7j) sum_k d_jk (128 + q_nk) - 128 sum_k v_k, times 2^-e, then the scale.
-constexpr int kInt8DigitCount = 4;
-void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uint8_t* w, int64_t K,
+// int8: a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting max |x_k| in [2^21, 2^22) as cpu.cpp
+// does (every input within 2^14 of the largest exact, the rest rounded at 2^-22 of it), each written as two
+// 16-bit words v = w0 + 2^16 w1 (w0 in -2^15..2^15-1, |w1| <= 64): words (2K,) holds the K w0, then the K w1.
+// Returns 2^-e (NaN if x holds a NaN or an infinity), and the sum of the integers in `sum`.
+float to_words(const at::BFloat16* x, int64_t K, int16_t* words, int64_t* sum) {
+  const float unit = unit_for(x, K, 22);
+  *sum = 0;
+  if (std::isnan(unit)) return unit;
+  const __m256 up = _mm256_set1_ps(1.0f / unit);  // exact: a power of two
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(x + k), up));
+    const __m256i w0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16);  // the low word, sign-extended
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + k), to_int16(w0));
+    const __m256i w1 = _mm256_srai_epi32(_mm256_sub_epi32(v, w0), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + K + k), to_int16(w1));
+    *sum += sum_i32(v);
+  }
+  return unit;
+}
+
+// int8: one row's words against the 64 outputs whose weights start at w, with their scales s: y (64,). Each run of
+// 4 inputs is a line of 64 codes per block of 16 outputs, widened to 16 bits 16 codes (4 outputs) at a time; with
+// 4 words of each plane broadcast, `vpmaddwd` leaves each output's two halves of the run in adjacent 32-bit lanes
+// (|.| < 2^24, so a span's 32 runs add up in 32 bits), added together once per span. Per span the 4 blocks take
+// turns (8 sums in registers), each run asking for the line a span ahead. The exact sums are added in float64
+// (below 2^53, so exactly): sum_k w0_k (128 + q_nk) + 2^16 sum_k w1_k (128 + q_nk) - 128 sum_k v_k, times 2^-e,
+// then the scale.
+void dot_64_int8(const int16_t* words, int64_t word_sum, double unit, const uint8_t* w, int64_t K,
                  const at::BFloat16* s, at::BFloat16* y) {
   alignas(32) double total[64] = {};
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t k0 = 0; k0 < K; k0 += kInt8Span) {
-    for (int j = 0; j < kInt8DigitCount; ++j) {
-      __m256i acc[kBlocks][2];
-      for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
-      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
-        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + 4 * c));
-        const uint8_t* wc = w + c * 64 * kBlocks;
-        // the later digits' turns read the span from cache: each run asks for a line of the next span (128 lines,
-        // one per run of the 4 turns), so that memory keeps streaming meanwhile
-        prefetch_quantized(w + (k0 + kInt8Span) * 64 + (j * kInt8Span / 4 + c - k0 / 4) * 64);
-        for (int b = 0; b < kBlocks; ++b)
-          for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
-            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v, digit), ones));
-          }
+    for (int b = 0; b < kBlocks; ++b) {
+      __m256i acc[2][4];  // [plane][4 outputs, 2 lanes each]
+      for (auto& a : acc)
+        for (auto& v : a) v = _mm256_setzero_si256();
+      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {
+        const uint8_t* line = w + c * 64 * kBlocks + 64 * b;
+        prefetch_quantized(line + kQuantizedPrefetchBytes);
+        __m256i x4[2];  // words 4c..4c+3 of each plane, broadcast
+        for (int j = 0; j < 2; ++j) {
+          int64_t four;
+          std::memcpy(&four, words + j * K + 4 * c, 8);
+          x4[j] = _mm256_set1_epi64x(four);
+        }
+        for (int v = 0; v < 4; ++v) {
+          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * v));
+          const __m256i codes = _mm256_cvtepu8_epi16(sixteen);
+          for (int j = 0; j < 2; ++j) acc[j][v] = _mm256_add_epi32(acc[j][v], _mm256_madd_epi16(codes, x4[j]));
+        }
       }
-      const __m256d weight = _mm256_set1_pd(static_cast<double>(1 << (7 * j)));
-      for (int b = 0; b < kBlocks; ++b)
-        for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 2; ++j) {  // adjacent lanes added: 8 outputs in order
+          const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[j][2 * h], acc[j][2 * h + 1]), 0xD8);
+          const __m256d weight = _mm256_set1_pd(j ? 65536.0 : 1.0);
           for (int q = 0; q < 2; ++q) {
             double* t = total + 16 * b + 8 * h + 4 * q;
-            const __m128i part = q ? _mm256_extracti128_si256(acc[b][h], 1) : _mm256_castsi256_si128(acc[b][h]);
+            const __m128i part = q ? _mm256_extracti128_si256(sum, 1) : _mm256_castsi256_si128(sum);
             _mm256_store_pd(t, _mm256_fmadd_pd(_mm256_cvtepi32_pd(part), weight, _mm256_load_pd(t)));
           }
+        }
     }
   }
-  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(digit_sum)), down = _mm256_set1_pd(unit);
+  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(word_sum)), down = _mm256_set1_pd(unit);
   for (int n = 0; n < 64; n += 8) {
     const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n), offset), down));
     const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n + 4), offset), down));
@@ -212,50 +204,86 @@ void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uin
   }
 }
 
+// int4: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting their largest
+// |x_k| in [2^13, 2^14): each input within 2^6 of its 32's largest exact (bfloat16 has 8 significant bits), the
+// rest rounded at 2^-14 of it, so an outlier costs the precision of its 31 neighbours only. Each integer is
+// written as two signed bytes v = d0 + 2^8 d1 (|d1| <= 64): digits (2K,) holds the K d0, then the K d1, within
+// each 8 inputs in the order the layout wants: a 32-bit lane of a line holds one output's 8 codes of inputs
+// 8c..8c+7 (cpu.cpp), its bytes' low nibbles those of inputs 8c, 8c+4, 8c+1, 8c+5 and their high nibbles 8c+2,
+// 8c+6, 8c+3, 8c+7, so 4 bytes of digits broadcast meet the low nibbles and the next 4 the high ones. Per 32
+// inputs: units32 gets 2^-e (NaN if they hold a NaN or an infinity), sums32 the sum of the integers, xsum32 the
+// sum of x.
+void to_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* units32, int32_t* sums32, float* xsum32) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const float unit = units32[k0 / 32] = unit_for(x + k0, 32, 14);
+    __m256i vsum = _mm256_setzero_si256();
+    __m256 xs = _mm256_setzero_ps();
+    const __m256 up = _mm256_set1_ps(std::isnan(unit) ? 0.0f : 1.0f / unit);  // exact: a power of two
+    for (int64_t k = k0; k < k0 + 32; k += 8) {
+      const __m256 xv = load_bf16x8(x + k);
+      xs = _mm256_add_ps(xs, xv);
+      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(xv, up)), order);
+      vsum = _mm256_add_epi32(vsum, v);
+      const __m256i d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24);  // the low byte, sign-extended
+      const __m256i d1 = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), 8);
+      for (int j = 0; j < 2; ++j) {  // 8 int32 -> 8 bytes
+        const __m128i w16 = to_int16(j ? d1 : d0);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
+      }
+    }
+    sums32[k0 / 32] = static_cast<int32_t>(sum_i32(vsum));  // < 2^19
+    xsum32[k0 / 32] = sum_ps(xs);
+  }
+}
+
 // int4: one row's digits against the 64 outputs whose weights start at w and scales and zeros at sz: y (64,).
-// Per 32 inputs and 8 outputs, the three digits' 16-bit sums are widened and joined exactly in 32 bits,
-//   sum_k v_k (q_nk - 8) = sum_j 2^(8j) sum_k d_jk q_nk - 8 sum_k v_k        (|.| < 2^31),
-// then, per group, times 2^-e and the scale, plus the zero times the group's sum of x, as cpu.cpp's add_group.
-void dot_64_int4(const int8_t* digits, const int64_t* sums32, const float* xsum32, double unit, const uint8_t* w,
-                 const at::BFloat16* sz, at::BFloat16* y, int64_t K, int64_t gs) {
+// Per 32 inputs and 8 outputs, the two digits' 16-bit sums are widened and joined exactly in 32 bits,
+//   sum_k v_k (q_nk - 8) = sum_j 2^(8j) sum_k d_jk q_nk - 8 sum_k v_k        (|.| <= 2^22),
+// then times the 32's 2^-e; per group, times the scale, plus the zero times the group's sum of x, as cpu.cpp's
+// add_group.
+void dot_64_int4(const int8_t* digits, const float* units32, const int32_t* sums32, const float* xsum32,
+                 const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y, int64_t K, int64_t gs) {
+  constexpr int D = 2;
   alignas(32) float acc[64] = {}, centered[64];
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256 down = _mm256_set1_ps(static_cast<float>(unit));
   for (int64_t g = 0; g < K / gs; ++g) {
     std::memset(centered, 0, sizeof(centered));
     float xsum = 0;
-    for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kInt4Span) {
+    for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += 32) {
       xsum += xsum32[k0 / 32];
-      __m256i d[3][4][2];  // [digit][run][low, high nibbles]: the span's 4 runs of 8 inputs, 4 bytes broadcast
-      for (int j = 0; j < 3; ++j)
+      __m256i d[D][4][2];  // [digit][run][low, high nibbles]: the span's 4 runs of 8 inputs, 4 bytes broadcast
+      for (int j = 0; j < D; ++j)
         for (int c = 0; c < 4; ++c)
           for (int n = 0; n < 2; ++n) d[j][c][n] = _mm256_set1_epi32(load_i32(digits + j * K + k0 + 8 * c + 4 * n));
-      const __m256i eight_v = _mm256_set1_epi32(static_cast<int32_t>(8 * sums32[k0 / 32]));  // < 2^30
+      const __m256i eight_v = _mm256_set1_epi32(8 * sums32[k0 / 32]);
+      const __m256 unit = _mm256_set1_ps(units32[k0 / 32]);
       const uint8_t* ws = w + k0 / 8 * 64 * kBlocks;
       for (int b = 0; b < kBlocks; ++b)
         for (int h = 0; h < 2; ++h) {
-          for (int line = 0; line < 2; ++line) prefetch_quantized(ws + kQuantizedPrefetchBytes + 64 * (4 * b + 2 * h + line));
-          __m256i part[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+          for (int line = 0; line < 2; ++line) {
+            prefetch_quantized(ws + kQuantizedPrefetchBytes + 64 * (4 * b + 2 * h + line));
+          }
+          __m256i part[D] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
           for (int c = 0; c < 4; ++c) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + c * 64 * kBlocks + 64 * b + 32 * h));
+            const uint8_t* half = ws + c * 64 * kBlocks + 64 * b + 32 * h;
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half));
             const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            for (int j = 0; j < 3; ++j) {
+            for (int j = 0; j < D; ++j) {
               part[j] = _mm256_add_epi16(part[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, d[j][c][0]),
                                                                    _mm256_maddubs_epi16(hi, d[j][c][1])));
             }
           }
           __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(part[0], ones), eight_v);
           t = _mm256_add_epi32(t, _mm256_slli_epi32(_mm256_madd_epi16(part[1], ones), 8));
-          t = _mm256_add_epi32(t, _mm256_slli_epi32(_mm256_madd_epi16(part[2], ones), 16));
           float* cn = centered + 16 * b + 8 * h;
-          _mm256_store_ps(cn, _mm256_add_ps(_mm256_load_ps(cn), _mm256_cvtepi32_ps(t)));
+          _mm256_store_ps(cn, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), unit, _mm256_load_ps(cn)));
         }
     }
     const at::BFloat16* scales = sz + 128 * g;
     const __m256 xs = _mm256_set1_ps(xsum);
     for (int n = 0; n < 64; n += 8) {
-      __m256 a = _mm256_fmadd_ps(load_bf16x8(scales + n), _mm256_mul_ps(_mm256_load_ps(centered + n), down),
-                                 _mm256_load_ps(acc + n));
+      const __m256 a = _mm256_fmadd_ps(load_bf16x8(scales + n), _mm256_load_ps(centered + n), _mm256_load_ps(acc + n));
       _mm256_store_ps(acc + n, _mm256_fmadd_ps(load_bf16x8(scales + 64 + n), xs, a));
     }
   }
@@ -306,15 +334,11 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   check_int8_mm(x, w, scales);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
   const torch::Tensor xc = x.contiguous();
-  constexpr int D = kInt8DigitCount;
-  std::vector<int8_t> digits(M * D * K);
-  std::vector<int64_t> sums32(M * K / 32);
-  std::vector<double> units(M);
+  std::vector<int16_t> words(M * 2 * K);
+  std::vector<float> units(M);
   std::vector<int64_t> sums(M);
   for (int64_t m = 0; m < M; ++m) {
-    units[m] = to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, kInt8Digits, &digits[m * D * K], &sums32[m * K / 32],
-                         nullptr);
-    for (int64_t i = 0; i < K / 32; ++i) sums[m] += sums32[m * K / 32 + i];
+    units[m] = to_words(xc.data_ptr<at::BFloat16>() + m * K, K, &words[m * 2 * K], &sums[m]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
@@ -323,7 +347,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int8(&digits[m * D * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
+        dot_64_int8(&words[m * 2 * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
       }
     }
   });
@@ -334,13 +358,12 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   check_int4_mm(x, w, sz, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64, groups = K / group_size;
   const torch::Tensor xc = x.contiguous();
-  std::vector<int8_t> digits(M * 3 * K);
-  std::vector<int64_t> sums32(M * K / 32);
-  std::vector<float> xsum32(M * K / 32);
-  std::vector<double> units(M);
+  std::vector<int8_t> digits(M * 2 * K);
+  std::vector<int32_t> sums32(M * K / 32);
+  std::vector<float> xsum32(M * K / 32), units32(M * K / 32);
   for (int64_t m = 0; m < M; ++m) {
-    units[m] = to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, kInt4Digits, &digits[m * 3 * K], &sums32[m * K / 32],
-                         &xsum32[m * K / 32]);
+    to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * 2 * K], &units32[m * K / 32], &sums32[m * K / 32],
+              &xsum32[m * K / 32]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
@@ -349,8 +372,9 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int4(&digits[m * 3 * K], &sums32[m * K / 32], &xsum32[m * K / 32], units[m], wp + nb * 32 * K,
-                    sp + nb * 128 * groups, yp + m * N + nb * 64, K, group_size);
+        const int64_t r = m * K / 32;
+        dot_64_int4(&digits[m * 2 * K], &units32[r], &sums32[r], &xsum32[r], wp + nb * 32 * K, sp + nb * 128 * groups,
+                    yp + m * N + nb * 64, K, group_size);
       }
     }
   });

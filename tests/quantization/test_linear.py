@@ -204,6 +204,24 @@ def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
     assert all(torch.equal(together[i:i + 1], packed(x[i:i + 1])) for i in range(7))
 
 
+@OUR_KERNELS
+def test_our_int4_kernel_keeps_small_activations_beside_a_huge_one():
+    """As for int8: inputs beside an outlier 2^16 times larger still count to bfloat16's precision, at least
+    those outside its group of 32 (the AVX2 kernel scales each 32 inputs on their own; here the outlier's
+    neighbours are zero)."""
+    portable = Int4Linear.from_linear(linear(256, 64, dtype=torch.bfloat16), 32)
+    codes = unpack_nibbles(portable.weight)
+    codes[:32, 7], portable.zeros[:32, 0] = 8, 0  # outputs 0..31 weigh input 7 by (8 - 8) * s + 0: they do not see it
+    portable.weight.copy_(pack_nibbles(codes))
+    w = dequantize_int4(portable.weight, portable.scales.double(), portable.zeros.double())
+    packed = portable.pack()
+    x = torch.randn(1, 256).bfloat16()
+    x[0, :32], x[0, 7] = 0, 2.0**16
+    ref, y = x.double() @ w.T, packed(x).double()
+    for part in (slice(0, 32), slice(32, 64)):
+        torch.testing.assert_close(y[0, part], ref[0, part], atol=8e-3 * ref[0, part].abs().max().item(), rtol=0)
+
+
 def test_int4_falls_back_visibly_when_no_kernel_takes_the_shape():
     portable = Int4Linear.from_linear(linear(64, 24), 32)  # the CPU kernel needs out_features % 16 == 0
     with pytest.warns(UserWarning, match="dequantize-then-matmul.*out_features divisible by 16 \\(got 24\\)"):
