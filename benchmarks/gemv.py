@@ -5,7 +5,7 @@ as these kernels stream weights. For each Linear shape of a preset (default: lla
 of such layers, large enough to come from memory rather than cache where the shape allows, with each
 kernel the decode step may use: eager `F.linear` (bf16), the compiled step's choice (inductor with frozen
 weights and autotuning, as `--compile` does), modelcode's own bf16 kernel (bf16-modelcode: the layers
-`--compile` runs on CPUs with AVX512-BF16), and the int8 / int4 layers of `modelcode.quantization`
+`--compile` runs on x86 CPUs with AVX-512 or AVX2), and the int8 / int4 layers of `modelcode.quantization`
 (modelcode's kernels where they run; int8-pytorch: PyTorch's `_weight_int8pack_mm` in the same run;
 MODELCODE_NO_CPU_KERNELS=1 for PyTorch's int4 too), eager and compiled.
 Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modelcode.bench.measure import read_bandwidth
+from modelcode.kernels.cpu import why_unavailable
 from modelcode.loading import registry
 
 
@@ -57,7 +58,7 @@ def stack(shape: tuple[int, int], n: int, kernel: str) -> Stack:
         from modelcode.kernels import pack_bf16_linears
 
         if not pack_bf16_linears(model):
-            raise SystemExit("modelcode's bf16 kernel does not run on this machine (it needs AVX512-BF16)")
+            raise SystemExit(f"modelcode's bf16 kernel does not run on this machine ({why_unavailable()})")
     elif kernel != "bf16":
         from modelcode.quantization import quantize
 

@@ -24,7 +24,7 @@ from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, PackedBF16Linear
-from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, instruction_set
+from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, instruction_set, kernels_available
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
@@ -94,6 +94,7 @@ def machine(device: torch.device) -> dict:
     # The model name alone does not tell CPU generations apart (every Zen is "AMD EPYC" in a VM): family/model does.
     family = "/".join(filter(None, (cpuinfo("cpu family"), cpuinfo("model"))))
     info = dict(cpu=cpu, cpu_family_model=family, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags,
+                cpu_kernels=instruction_set() if kernels_available() else None,
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":

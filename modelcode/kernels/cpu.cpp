@@ -56,6 +56,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <torch/extension.h>
@@ -175,7 +176,7 @@ double int8_digits(const at::BFloat16* x, int8_t* digits, int64_t K, int64_t* su
   if (nan || !std::isfinite(largest)) return std::nan("");  // the outputs too: NaN in, NaN out
   int e2 = 0;
   std::frexp(largest, &e2);  // largest in [2^(e2-1), 2^e2)
-  const int e = 22 - e2;
+  const int e = 22 - std::max(e2, -100);  // a row of tiny values (below 2^-100) counts as zeros
   const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, e));  // exact: a power of two
   __m512i totals[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};  // per digit
   for (int64_t k = 0; k < K; k += 16) {

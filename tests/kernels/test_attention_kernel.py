@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kernel_marks import KERNELS
+from kernel_marks import ATTENTION_KERNEL
 
 from modelcode.kernels.attention import CPUDecodeAttention, swap_decode_attention
 from modelcode.kernels.cpu import decode_attention, decode_attention_fits
@@ -29,7 +29,7 @@ def random_inputs(batch, n_heads, n_kv_heads, slots, hd, dtype, seed=0):
     return q, k, v
 
 
-@KERNELS
+@ATTENTION_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, n_heads, n_kv_heads, slots, hd", [
     (16, 32, 4, 160, 64),  # llama-1b, batch 16: groups of 8 query heads per key/value head
@@ -51,7 +51,7 @@ def test_matches_attention_in_float64(dtype, batch, n_heads, n_kv_heads, slots, 
             torch.testing.assert_close(out.double(), ref, atol=2**-8 * ref.abs().max().item(), rtol=0)
 
 
-@KERNELS
+@ATTENTION_KERNEL
 def test_reads_a_cache_sliced_from_a_longer_one_and_an_arbitrary_mask():
     q, k, v = random_inputs(3, 8, 2, 100, 64, torch.bfloat16)
     k, v = k[:, :, :70], v[:, :, :70]  # what a growing cache returns: a view, rows still contiguous
@@ -61,7 +61,7 @@ def test_reads_a_cache_sliced_from_a_longer_one_and_an_arbitrary_mask():
     torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=2**-8 * 3, rtol=0)
 
 
-@KERNELS
+@ATTENTION_KERNEL
 def test_blocks_the_mask_hides_are_skipped_without_changing_the_output():
     """A query at position 20 of a 2048-slot cache sees 21 keys (2 blocks of 16 read, 126 skipped): the same
     output as over 21 slots."""
@@ -73,7 +73,7 @@ def test_blocks_the_mask_hides_are_skipped_without_changing_the_output():
     torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
-@KERNELS
+@ATTENTION_KERNEL
 def test_a_query_that_sees_no_key_gets_nan_as_softmax_gives():
     q, k, v = random_inputs(2, 4, 2, 20, 32, torch.float32)
     mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
@@ -83,7 +83,7 @@ def test_a_query_that_sees_no_key_gets_nan_as_softmax_gives():
     assert reference(q, k, v, mask)[1].isnan().all()
 
 
-@KERNELS
+@ATTENTION_KERNEL
 def test_the_swapped_attention_core_uses_it_for_one_query_only():
     # float32: the torch ops round differently in most outputs, so equality says which path ran
     model = torch.nn.ModuleDict({"attend": ScaledDotProductAttention()})
