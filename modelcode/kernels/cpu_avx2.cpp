@@ -8,14 +8,15 @@
 //
 // int8 and int4: as in cpu.cpp, the activations become integers, exactly where it matters, and the codes are
 // multiplied by them in integers, 16 outputs' worth of codes per 64-byte line:
-//   int8: the row scaled to [2^21, 2^22) (as cpu.cpp) and written as two 16-bit words, the codes (128 + q) widened
-//     to 16 bits, and `vpmaddwd` multiplies 16 codes by 16 words and adds pairs of products into 32 bits.
+//   int8: the row scaled to [2^26, 2^27) and written as four 7-bit digits, and `vpmaddubsw` multiplies 32 codes
+//     (128 + q) by 32 digit bytes and adds pairs of products into 16 bits (2 x 255 x 64 < 2^15: no saturation),
+//     which `vpmaddwd` by ones adds into 32 bits, one lane per output.
 //   int4: each 32 inputs scaled on their own to [2^13, 2^14) and written as two signed byte digits, and
 //     `vpmaddubsw` multiplies 32 code bytes' low (or high) nibbles by 32 digit bytes and adds pairs of products
 //     into 16 bits (no more than 2 x 15 x 128 each, so 8 of them add up in 16 bits: a group of 32 inputs), which
 //     `vpmaddwd` by ones adds in pairs into 32 bits, so a 32-bit lane sums the 8 codes it holds, all of one output.
 // Both read their weights from memory once, ask for them ahead as cpu.cpp's kernels do, and are exact up to the
-// rounding of the activations (see to_words and kInt4): outputs do not depend on what else is in the batch.
+// rounding of the activations (see to_int8_digits and to_digits): outputs do not depend on what else is in the batch.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -32,7 +33,7 @@ namespace {
 
 constexpr int64_t kRunPairs = 128;  // bfloat16, several rows: input pairs per run of weights reread from cache
 constexpr int64_t kTileRows = 128;
-constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of the 4 blocks over a span of weights (8 KB, in L1)
+constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of each digit over a span of weights (8 KB, in L1)
 
 inline __m256 load_bf16x8(const at::BFloat16* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -135,69 +136,67 @@ inline __m128i to_int16(__m256i v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08));
 }
 
-// int8: a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting max |x_k| in [2^21, 2^22) as cpu.cpp
-// does (every input within 2^14 of the largest exact, the rest rounded at 2^-22 of it), each written as two
-// 16-bit words v = w0 + 2^16 w1 (w0 in -2^15..2^15-1, |w1| <= 64): words (2K,) holds the K w0, then the K w1.
-// Returns 2^-e (NaN if x holds a NaN or an infinity), and the sum of the integers in `sum`.
-float to_words(const at::BFloat16* x, int64_t K, int16_t* words, int64_t* sum) {
-  const float unit = unit_for(x, K, 22);
+// int8: a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting max |x_k| in [2^26, 2^27) (finer than
+// cpu.cpp's 2^22: every input within 2^19 of the largest exact, so a row's small activations still count beside an
+// outlier 2^16 times larger), each written as four signed 7-bit digits v = sum_j 2^(7j) d_j (|d_j| <= 64):
+// digits (4K,) holds the K d0, then the d1, d2, d3. Returns 2^-e (NaN if x holds a NaN or an infinity), and the
+// sum of the integers in `sum`.
+constexpr int kInt8Digits = 4;
+float to_int8_digits(const at::BFloat16* x, int64_t K, int8_t* digits, int64_t* sum) {
+  const float unit = unit_for(x, K, 27);
   *sum = 0;
   if (std::isnan(unit)) return unit;
   const __m256 up = _mm256_set1_ps(1.0f / unit);  // exact: a power of two
   for (int64_t k = 0; k < K; k += 8) {
     const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(x + k), up));
-    const __m256i w0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16);  // the low word, sign-extended
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + k), to_int16(w0));
-    const __m256i w1 = _mm256_srai_epi32(_mm256_sub_epi32(v, w0), 16);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + K + k), to_int16(w1));
+    __m256i rest = v;
+    for (int j = 0; j < kInt8Digits; ++j) {
+      const __m256i d = j + 1 == kInt8Digits ? rest : _mm256_srai_epi32(_mm256_slli_epi32(rest, 25), 25);
+      const __m128i w16 = to_int16(d);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
+      rest = _mm256_srai_epi32(_mm256_sub_epi32(rest, d), 7);
+    }
     *sum += sum_i32(v);
   }
   return unit;
 }
 
-// int8: one row's words against the 64 outputs whose weights start at w, with their scales s: y (64,). Each run of
-// 4 inputs is a line of 64 codes per block of 16 outputs, widened to 16 bits 16 codes (4 outputs) at a time; with
-// 4 words of each plane broadcast, `vpmaddwd` leaves each output's two halves of the run in adjacent 32-bit lanes
-// (|.| < 2^24, so a span's 32 runs add up in 32 bits), added together once per span. Per span the 4 blocks take
-// turns (8 sums in registers), each run asking for the line a span ahead. The exact sums are added in float64
-// (below 2^53, so exactly): sum_k w0_k (128 + q_nk) + 2^16 sum_k w1_k (128 + q_nk) - 128 sum_k v_k, times 2^-e,
-// then the scale.
-void dot_64_int8(const int16_t* words, int64_t word_sum, double unit, const uint8_t* w, int64_t K,
+// int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,).
+// `vpmaddubsw` multiplies a line's 32 codes (128 + q) by 4 bytes of one digit broadcast (products summed in pairs:
+// |.| <= 2 x 255 x 64 < 2^15, no saturation), `vpmaddwd` by ones sums the pairs into 32-bit lanes, one per output.
+// The digits' sums of one 64-output block would need 32 registers, so the digits take turns over each span of
+// kInt8Span inputs, read from L1 after the first, and each run asks for a line of the next span meanwhile. The
+// exact 32-bit sums are added in float64 (below 2^53, so exactly): sum_j 2^(7j) sum_k d_jk (128 + q_nk) - 128
+// sum_k v_k, times 2^-e, then the scale.
+void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uint8_t* w, int64_t K,
                  const at::BFloat16* s, at::BFloat16* y) {
   alignas(32) double total[64] = {};
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t k0 = 0; k0 < K; k0 += kInt8Span) {
-    for (int b = 0; b < kBlocks; ++b) {
-      __m256i acc[2][4];  // [plane][4 outputs, 2 lanes each]
-      for (auto& a : acc)
-        for (auto& v : a) v = _mm256_setzero_si256();
-      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {
-        const uint8_t* line = w + c * 64 * kBlocks + 64 * b;
-        prefetch_quantized(line + kQuantizedPrefetchBytes);
-        __m256i x4[2];  // words 4c..4c+3 of each plane, broadcast
-        for (int j = 0; j < 2; ++j) {
-          int64_t four;
-          std::memcpy(&four, words + j * K + 4 * c, 8);
-          x4[j] = _mm256_set1_epi64x(four);
-        }
-        for (int v = 0; v < 4; ++v) {
-          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * v));
-          const __m256i codes = _mm256_cvtepu8_epi16(sixteen);
-          for (int j = 0; j < 2; ++j) acc[j][v] = _mm256_add_epi32(acc[j][v], _mm256_madd_epi16(codes, x4[j]));
-        }
+    for (int j = 0; j < kInt8Digits; ++j) {
+      __m256i acc[kBlocks][2];
+      for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
+      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
+        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + 4 * c));
+        const uint8_t* wc = w + c * 64 * kBlocks;
+        prefetch_quantized(w + (k0 + kInt8Span) * 64 + (j * kInt8Span / 4 + c - k0 / 4) * 64);  // 128 lines a span
+        for (int b = 0; b < kBlocks; ++b)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
+            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v, digit), ones));
+          }
       }
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < 2; ++j) {  // adjacent lanes added: 8 outputs in order
-          const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[j][2 * h], acc[j][2 * h + 1]), 0xD8);
-          const __m256d weight = _mm256_set1_pd(j ? 65536.0 : 1.0);
+      const __m256d weight = _mm256_set1_pd(static_cast<double>(1 << (7 * j)));
+      for (int b = 0; b < kBlocks; ++b)
+        for (int h = 0; h < 2; ++h)
           for (int q = 0; q < 2; ++q) {
             double* t = total + 16 * b + 8 * h + 4 * q;
-            const __m128i part = q ? _mm256_extracti128_si256(sum, 1) : _mm256_castsi256_si128(sum);
+            const __m128i part = q ? _mm256_extracti128_si256(acc[b][h], 1) : _mm256_castsi256_si128(acc[b][h]);
             _mm256_store_pd(t, _mm256_fmadd_pd(_mm256_cvtepi32_pd(part), weight, _mm256_load_pd(t)));
           }
-        }
     }
   }
-  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(word_sum)), down = _mm256_set1_pd(unit);
+  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(digit_sum)), down = _mm256_set1_pd(unit);
   for (int n = 0; n < 64; n += 8) {
     const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n), offset), down));
     const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n + 4), offset), down));
@@ -335,11 +334,11 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   check_int8_mm(x, w, scales);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
   const torch::Tensor xc = x.contiguous();
-  std::vector<int16_t> words(M * 2 * K);
+  std::vector<int8_t> digits(M * kInt8Digits * K);
   std::vector<float> units(M);
   std::vector<int64_t> sums(M);
   for (int64_t m = 0; m < M; ++m) {
-    units[m] = to_words(xc.data_ptr<at::BFloat16>() + m * K, K, &words[m * 2 * K], &sums[m]);
+    units[m] = to_int8_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * kInt8Digits * K], &sums[m]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
@@ -348,7 +347,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int8(&words[m * 2 * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
+        dot_64_int8(&digits[m * kInt8Digits * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64,
+                    yp + m * N + nb * 64);
       }
     }
   });
