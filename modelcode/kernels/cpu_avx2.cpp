@@ -8,15 +8,17 @@
 //
 // int8 and int4: as in cpu.cpp, the activations become integers, exactly where it matters, and the codes are
 // multiplied by them in integers, 16 outputs' worth of codes per 64-byte line:
-//   int8: the row scaled to [2^26, 2^27) and written as four 7-bit digits, and `vpmaddubsw` multiplies 32 codes
-//     (128 + q) by 32 digit bytes and adds pairs of products into 16 bits (2 x 255 x 64 < 2^15: no saturation),
-//     which `vpmaddwd` by ones adds into 32 bits, one lane per output.
+//   int8: each 32 inputs scaled on their own to [2^12, 2^13) and written as two 7-bit digits, and `vpmaddubsw`
+//     multiplies 32 codes (128 + q) by 32 digit bytes and adds pairs of products into 16 bits (2 x 255 x 64 < 2^15:
+//     no saturation), which `vpmaddwd` by ones adds into 32 bits, one lane per output.
 //   int4: each 32 inputs scaled on their own to [2^13, 2^14) and written as two signed byte digits, and
 //     `vpmaddubsw` multiplies 32 code bytes' low (or high) nibbles by 32 digit bytes and adds pairs of products
 //     into 16 bits (no more than 2 x 15 x 128 each, so 8 of them add up in 16 bits: a group of 32 inputs), which
 //     `vpmaddwd` by ones adds in pairs into 32 bits, so a 32-bit lane sums the 8 codes it holds, all of one output.
-// Both read their weights from memory once, ask for them ahead as cpu.cpp's kernels do, and are exact up to the
-// rounding of the activations (see to_int8_digits and to_digits): outputs do not depend on what else is in the batch.
+// Scaled per 32 inputs, an input within 2^5 (int8) or 2^6 (int4) of its 32's largest is exact (bfloat16 has 8
+// significant bits), the rest is rounded at 2^-13 or 2^-14 of it, and an outlier costs the precision of its 31
+// neighbours only. Both kernels read their weights from memory once and ask for them ahead as cpu.cpp's do; the
+// products are exact, and outputs do not depend on what else is in the batch.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,7 +35,6 @@ namespace {
 
 constexpr int64_t kRunPairs = 128;  // bfloat16, several rows: input pairs per run of weights reread from cache
 constexpr int64_t kTileRows = 128;
-constexpr int64_t kInt8Span = 128;  // int8: inputs per turn of each digit over a span of weights (8 KB, in L1)
 
 inline __m256 load_bf16x8(const at::BFloat16* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -136,72 +137,74 @@ inline __m128i to_int16(__m256i v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08));
 }
 
-// int8: a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting max |x_k| in [2^26, 2^27) (finer than
-// cpu.cpp's 2^22: every input within 2^19 of the largest exact, so a row's small activations still count beside an
-// outlier 2^16 times larger), each written as four signed 7-bit digits v = sum_j 2^(7j) d_j (|d_j| <= 64):
-// digits (4K,) holds the K d0, then the d1, d2, d3. Returns 2^-e (NaN if x holds a NaN or an infinity), and the
-// sum of the integers in `sum`.
-constexpr int kInt8Digits = 4;
-float to_int8_digits(const at::BFloat16* x, int64_t K, int8_t* digits, int64_t* sum) {
-  const float unit = unit_for(x, K, 27);
-  *sum = 0;
-  if (std::isnan(unit)) return unit;
-  const __m256 up = _mm256_set1_ps(1.0f / unit);  // exact: a power of two
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(x + k), up));
-    __m256i rest = v;
-    for (int j = 0; j < kInt8Digits; ++j) {
-      const __m256i d = j + 1 == kInt8Digits ? rest : _mm256_srai_epi32(_mm256_slli_epi32(rest, 25), 25);
-      const __m128i w16 = to_int16(d);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
-      rest = _mm256_srai_epi32(_mm256_sub_epi32(rest, d), 7);
+// int8: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting their largest
+// |x_k| in [2^12, 2^13), each written as two signed 7-bit digits v = d0 + 2^7 d1 (|d1| <= 64): digits (2K,) holds
+// the K d0, then the K d1. Per 32 inputs: units32 gets 2^-e (NaN if they hold a NaN or an infinity), sums32 the
+// sum of the integers.
+void to_int8_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* units32, int32_t* sums32) {
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const float unit = units32[k0 / 32] = unit_for(x + k0, 32, 13);
+    const __m256 up = _mm256_set1_ps(std::isnan(unit) ? 0.0f : 1.0f / unit);  // exact: a power of two
+    __m256i vsum = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k0 + 32; k += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(x + k), up));
+      vsum = _mm256_add_epi32(vsum, v);
+      const __m256i d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 25), 25);  // the low 7 bits, sign-extended
+      const __m256i d1 = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), 7);
+      for (int j = 0; j < 2; ++j) {  // 8 int32 -> 8 bytes
+        const __m128i w16 = to_int16(j ? d1 : d0);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
+      }
     }
-    *sum += sum_i32(v);
+    sums32[k0 / 32] = std::isnan(unit) ? 0 : static_cast<int32_t>(sum_i32(vsum));  // < 2^18
   }
-  return unit;
 }
 
-// int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,).
-// `vpmaddubsw` multiplies a line's 32 codes (128 + q) by 4 bytes of one digit broadcast (products summed in pairs:
-// |.| <= 2 x 255 x 64 < 2^15, no saturation), `vpmaddwd` by ones sums the pairs into 32-bit lanes, one per output.
-// The digits' sums of one 64-output block would need 32 registers, so the digits take turns over each span of
-// kInt8Span inputs, read from L1 after the first, and each run asks for a line of the next span meanwhile. The
-// exact 32-bit sums are added in float64 (below 2^53, so exactly): sum_j 2^(7j) sum_k d_jk (128 + q_nk) - 128
-// sum_k v_k, times 2^-e, then the scale.
-void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uint8_t* w, int64_t K,
+// int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,). A run of 4
+// inputs is a line of 16 outputs' 64 codes per block; `vpmaddubsw` multiplies a half line's 32 codes by 4 bytes of
+// a digit broadcast, `vpmaddwd` by ones sums the products into 32-bit lanes, one per output. The two digits' sums
+// of one 64-output block would need 16 registers, so per 32 inputs (2 KB of weights) the digits take turns, the
+// second reading them from L1, and each run asks for two lines 8 KB ahead. Per 32 inputs the exact sum
+//   sum_k v_k q_nk = sum_k d0_k (128 + q_nk) + 2^7 sum_k d1_k (128 + q_nk) - 128 sum_k v_k      (|.| < 2^26)
+// is taken to float32 and times 2^-e; the total, times the scale, is the output.
+void dot_64_int8(const int8_t* digits, const float* units32, const int32_t* sums32, const uint8_t* w, int64_t K,
                  const at::BFloat16* s, at::BFloat16* y) {
-  alignas(32) double total[64] = {};
+  alignas(32) float total[64] = {};
+  alignas(32) int32_t low[64];  // the first digit's sums of a span
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t k0 = 0; k0 < K; k0 += kInt8Span) {
-    for (int j = 0; j < kInt8Digits; ++j) {
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const uint8_t* ws = w + k0 * 64;
+    for (int j = 0; j < 2; ++j) {
       __m256i acc[kBlocks][2];
       for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
-      for (int64_t c = k0 / 4; c < (k0 + kInt8Span) / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
-        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + 4 * c));
-        const uint8_t* wc = w + c * 64 * kBlocks;
-        prefetch_quantized(w + (k0 + kInt8Span) * 64 + (j * kInt8Span / 4 + c - k0 / 4) * 64);  // 128 lines a span
+      for (int c = 0; c < 8; ++c) {  // inputs k0 + 4c .. +3: 4 lines
+        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + k0 + 4 * c));
+        const uint8_t* wc = ws + c * 64 * kBlocks;
+        const uint8_t* ahead = ws + kQuantizedPrefetchBytes + 128 * (8 * j + c);  // the 32 lines of a span, 2 a run
+        prefetch_quantized(ahead);
+        prefetch_quantized(ahead + 64);
         for (int b = 0; b < kBlocks; ++b)
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
             acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v, digit), ones));
           }
       }
-      const __m256d weight = _mm256_set1_pd(static_cast<double>(1 << (7 * j)));
+      const __m256i offset = _mm256_set1_epi32(-128 * sums32[k0 / 32]);
+      const __m256 unit = _mm256_set1_ps(units32[k0 / 32]);
       for (int b = 0; b < kBlocks; ++b)
-        for (int h = 0; h < 2; ++h)
-          for (int q = 0; q < 2; ++q) {
-            double* t = total + 16 * b + 8 * h + 4 * q;
-            const __m128i part = q ? _mm256_extracti128_si256(acc[b][h], 1) : _mm256_castsi256_si128(acc[b][h]);
-            _mm256_store_pd(t, _mm256_fmadd_pd(_mm256_cvtepi32_pd(part), weight, _mm256_load_pd(t)));
+        for (int h = 0; h < 2; ++h) {
+          __m256i* first = reinterpret_cast<__m256i*>(low + 16 * b + 8 * h);
+          if (j == 0) {
+            _mm256_store_si256(first, _mm256_add_epi32(acc[b][h], offset));
+            continue;
           }
+          const __m256i sum = _mm256_add_epi32(_mm256_load_si256(first), _mm256_slli_epi32(acc[b][h], 7));
+          float* t = total + 16 * b + 8 * h;
+          _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), unit, _mm256_load_ps(t)));
+        }
     }
   }
-  const __m256d offset = _mm256_set1_pd(-128.0 * static_cast<double>(digit_sum)), down = _mm256_set1_pd(unit);
-  for (int n = 0; n < 64; n += 8) {
-    const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n), offset), down));
-    const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_add_pd(_mm256_load_pd(total + n + 4), offset), down));
-    store_bf16x8(y + n, _mm256_mul_ps(_mm256_set_m128(hi, lo), load_bf16x8(s + n)));
-  }
+  for (int n = 0; n < 64; n += 8) store_bf16x8(y + n, _mm256_mul_ps(_mm256_load_ps(total + n), load_bf16x8(s + n)));
 }
 
 // int4: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting their largest
@@ -232,7 +235,7 @@ void to_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* units32,
         _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
       }
     }
-    sums32[k0 / 32] = static_cast<int32_t>(sum_i32(vsum));  // < 2^19
+    sums32[k0 / 32] = std::isnan(unit) ? 0 : static_cast<int32_t>(sum_i32(vsum));  // < 2^19
     xsum32[k0 / 32] = sum_ps(xs);
   }
 }
@@ -334,11 +337,12 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   check_int8_mm(x, w, scales);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
   const torch::Tensor xc = x.contiguous();
-  std::vector<int8_t> digits(M * kInt8Digits * K);
-  std::vector<float> units(M);
-  std::vector<int64_t> sums(M);
+  std::vector<int8_t> digits(M * 2 * K);
+  std::vector<float> units32(M * K / 32);
+  std::vector<int32_t> sums32(M * K / 32);
   for (int64_t m = 0; m < M; ++m) {
-    units[m] = to_int8_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * kInt8Digits * K], &sums[m]);
+    const int64_t r = m * K / 32;
+    to_int8_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * 2 * K], &units32[r], &sums32[r]);
   }
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
@@ -347,8 +351,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int8(&digits[m * kInt8Digits * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64,
-                    yp + m * N + nb * 64);
+        dot_64_int8(&digits[m * 2 * K], &units32[m * K / 32], &sums32[m * K / 32], wp + nb * 64 * K, K,
+                    sp + nb * 64, yp + m * N + nb * 64);
       }
     }
   });
