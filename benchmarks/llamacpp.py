@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from modelcode.api import EMBEDDED
+from modelcode.bench.measure import run_ours
 from modelcode.bench.run import machine
 from modelcode.bench.subjects import random_model
 from modelcode.generation import generate
@@ -142,13 +143,10 @@ class LlamaCpp:
 
 
 def ours(runner, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
-    """Greedy tokens from modelcode's `generate` and its decode tokens/s (prefill timed apart, as above)."""
-    start = time.perf_counter()
-    generate(runner, [prompt], 1)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    out = generate(runner, [prompt], new_tokens).tokens[0]
-    return out, (new_tokens - 1) / (time.perf_counter() - start - prefill)
+    """Greedy tokens from modelcode's decoding and its decode tokens/s, timed from the first new token (the
+    prefill's) to the last, as `modelcode bench` times it."""
+    run = run_ours(runner, [prompt], new_tokens)
+    return run.tokens[0], (new_tokens - 1) / run.decode_s
 
 
 def subject(args) -> tuple[torch.nn.Module, str]:
