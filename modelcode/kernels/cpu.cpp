@@ -1,6 +1,6 @@
-// Matmul kernels for decoding on CPUs with AVX512-BF16 and VNNI: bfloat16 weights (`bf16_mm`), int8
-// weights (`int8_mm`) and int4 weights (`int4_mm`), times bfloat16 activations: any number of rows for
-// bfloat16, a few for int8 and int4.
+// Matmul kernels for decoding on CPUs with AVX512-BF16 and VNNI (cpu_avx2.cpp: the same for AVX2): bfloat16
+// weights (`bf16_mm`), int8 weights (`int8_mm`) and int4 weights (`int4_mm`), times bfloat16 activations: any
+// number of rows for bfloat16, a few for int8 and int4.
 //
 // bfloat16: decoding multiplies one row of activations by every weight once, so the weights must stream
 // from memory at full speed. Laid out so that each thread reads its weights front to back, 64 bytes per

@@ -80,7 +80,7 @@ def test_packed_examples_do_not_see_each_other(lm, tmp_path):
     with torch.no_grad():
         packed = lm.model(torch.tensor([row.tokens]), torch.tensor([row.positions]))[0]
         alone = torch.cat([lm.model(torch.tensor([ex.tokens]))[0] for ex in data.train])
-        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)  # float32, summed in another order
         batch = collate([row])
         separate = sum(loss_sum(lm.model, collate([ex]), False) for ex in data.train)
         torch.testing.assert_close(loss_sum(lm.model, batch, False), separate, atol=1e-4, rtol=1e-5)
