@@ -5,7 +5,7 @@ skips without them. Quantized layers stay quantized whatever this machine's timi
 import os
 import tempfile
 
-from modelcode.kernels.cpu import instruction_set, kernels_available, why_unavailable
+from modelcode.kernels.cpu import loaded_build, why_unavailable
 
 os.environ["MODELCODE_KEEP_QUANTIZED"] = "1"
 # Compiled steps saved per machine (generation/aot.py) go to a folder of this run's own: none from outside is loaded.
@@ -15,5 +15,6 @@ os.environ["MODELCODE_BACKGROUND_BUILD"] = "0"
 
 
 def pytest_terminal_summary(terminalreporter):
-    used = f"used ({instruction_set()} build)" if kernels_available() else f"not used ({why_unavailable()})"
+    build = loaded_build()
+    used = f"used ({build.label} build)" if build else f"not used ({why_unavailable()})"
     terminalreporter.write_line(f"modelcode's CPU kernels: {used}")

@@ -24,7 +24,7 @@ from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, PackedBF16Linear
-from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, instruction_set, kernels_available
+from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, loaded_build
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
@@ -94,7 +94,7 @@ def machine(device: torch.device) -> dict:
     # The model name alone does not tell CPU generations apart (every Zen is "AMD EPYC" in a VM): family/model does.
     family = "/".join(filter(None, (cpuinfo("cpu family"), cpuinfo("model"))))
     info = dict(cpu=cpu, cpu_family_model=family, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags,
-                cpu_kernels=instruction_set() if kernels_available() else None,
+                cpu_kernels=getattr(loaded_build(), "label", None),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":
@@ -111,7 +111,7 @@ def machine(device: torch.device) -> dict:
 def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
     """Which matmul each Linear-like layer of the model runs, by its name (layers fused into one matmul are named
     by their members)."""
-    isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(instruction_set() or "", "")
+    isa = getattr(loaded_build(), "label", "")
     amx = ", AMX from 5 rows" if amx_available() else ""
     kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16 ({isa}{amx})",
              Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",

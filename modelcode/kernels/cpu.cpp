@@ -75,13 +75,7 @@ const bool kBf16Prefetch = [] {
   return !(v && std::string(v) == "none");
 }();
 
-// bfloat16 with several rows: a 64-output block's weights are taken a run of this many input pairs at a time
-// (32 KB), which each group of 4 rows then reads from cache; the first group asks for the next run as it goes,
-// so that it streams in from memory while the later groups compute. Much longer runs leave the memory idle
-// during those groups (256 KB runs: llama-1b's matmuls at 16 rows ~1.2x slower).
-constexpr int64_t kRunPairs = 128;
-constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // a run ahead
-constexpr int64_t kTileRows = 128;
+constexpr int64_t kPrefetchBytes = kRunPairs * 4 * 64;  // bfloat16 asks a run ahead (see kRunPairs, ops.h)
 // From this many rows on, AMX (amx.cpp) where the CPU has it: fewer rows are bound by reading the weights, which
 // the vector kernel below does as fast.
 constexpr int64_t kAmxMinRows = 5;
@@ -304,33 +298,15 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
     amx_bf16_mm(xp, wp, yp, M, K, N);
     return y;
   }
-  // Many rows (a long prompt) go kTileRows at a time, so that the rows' activations that each block of weights
-  // meets stay in cache too (one llama-1b layer's matmuls at 2048 rows: ~1.1x faster than in one tile).
-  for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {
-    const int64_t rows = std::min(kTileRows, M - t0);
-    at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sums(rows * 64);
-      for (int64_t nb = begin; nb < end; ++nb) {
-        // The block's weights are read from memory once, a run of kRunPairs at a time, which every group of
-        // 4 rows then reads from cache.
-        const uint8_t* wb = wp + nb * 128 * K;
-        for (int64_t c0 = 0; c0 < K / 2; c0 += kRunPairs) {
-          const int64_t c1 = std::min(K / 2, c0 + kRunPairs);
-          for (int64_t m = t0; m < t0 + rows; m += 4) {
-            const at::BFloat16* xm = xp + m * K;
-            float* sm = sums.data() + (m - t0) * 64;
-            at::BFloat16* ym = c1 == K / 2 ? yp + m * N + nb * 64 : nullptr;
-            switch (std::min<int64_t>(4, t0 + rows - m)) {
-              case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sm, ym, N); break;
-              case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sm, ym, N); break;
-              case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sm, ym, N); break;
-              default: dot_64_bf16<4>(xm, K, wb, c0, c1, sm, ym, N);
-            }
-          }
-        }
-      }
-    });
-  }
+  bf16_runs(xp, wp, yp, M, K, N, [&](const at::BFloat16* xm, int64_t rows, const uint8_t* wb, int64_t c0, int64_t c1,
+                                     float* sums, at::BFloat16* ym) -> int64_t {
+    switch (std::min<int64_t>(4, rows)) {  // each weight line, once loaded, serves up to 4 rows
+      case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sums, ym, N); return 1;
+      case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sums, ym, N); return 2;
+      case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sums, ym, N); return 3;
+      default: dot_64_bf16<4>(xm, K, wb, c0, c1, sums, ym, N); return 4;
+    }
+  });
   return y;
 }
 
@@ -348,12 +324,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int8(&digits[m * 3 * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
-      }
-    }
+  blocks_by_rows(N, M, [&](int64_t nb, int64_t m) {
+    dot_64_int8(&digits[m * 3 * K], sums[m], units[m], wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
   });
   return y;
 }

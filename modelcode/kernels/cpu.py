@@ -31,6 +31,7 @@ OUTPUTS_PER_BLOCK = 64  # the kernels compute outputs 64 at a time: out_features
 class Build:
     """One instruction set's build of the kernels: the flags the CPU must report, the compiler's, the sources."""
 
+    label: str  # as people write the instruction set
     cpu_flags: tuple[str, ...]
     compiler_flags: tuple[str, ...]
     sources: tuple[str, ...]
@@ -41,10 +42,10 @@ class Build:
 
 
 BUILDS = {  # the first whose flags the CPU reports is built
-    "avx512": Build(("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"),
+    "avx512": Build("AVX-512", ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"),
                     ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"),
                     ("ops.cpp", "cpu.cpp", "attention.cpp", "amx.cpp"), True),
-    "avx2": Build(("avx2", "fma", "f16c"), ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
+    "avx2": Build("AVX2", ("avx2", "fma", "f16c"), ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
                   ("ops.cpp", "cpu_avx2.cpp"), False),
 }
 HEADERS = [Path(__file__).with_name(name) for name in ("bf16.h", "amx.h", "ops.h")]
@@ -137,7 +138,7 @@ def kernels_available() -> bool:
     # The library reads it once as it loads, so the choice is made here, for this process and what it starts.
     os.environ["MODELCODE_QUANTIZED_PREFETCH"] = quantized_prefetch()
     os.environ["MODELCODE_BF16_PREFETCH"] = bf16_prefetch()
-    folder = build_directory()
+    build, folder = chosen_build(), build_directory()
     failed = folder / "build-failed.log"
     folder.mkdir(parents=True, exist_ok=True)
     built = (folder / f"{NAME}.so").exists()
@@ -152,8 +153,8 @@ def kernels_available() -> bool:
             # waits for it forever; ours is released by the OS when its process dies, and while we hold it no
             # build is running, so theirs can only be stale.
             (folder / "lock").unlink(missing_ok=True)
-            load(NAME, chosen_build().paths(), extra_cflags=list(chosen_build().compiler_flags),
-                 extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
+            load(NAME, build.paths(), extra_cflags=list(build.compiler_flags), extra_ldflags=["-fopenmp"],
+                 build_directory=str(folder), is_python_module=False)
     except Exception as e:  # no compiler, no headers, ...: PyTorch's own kernels still work
         failed.write_text(str(e))
         print(" failed" if not built else "", file=sys.stderr)
@@ -179,12 +180,19 @@ def kernels_available() -> bool:
     def _(w, sz, group_size):
         return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 8)
 
-    if chosen_build().attention:
+    if build.attention:
         @torch.library.register_fake("modelcode::decode_attention")
         def _(q, k, v, mask):
             return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return True
+
+
+@functools.cache
+def loaded_build() -> Build | None:
+    """The build this process loaded (fixed once loaded: the CPU is not asked again), None where the kernels do not
+    run here."""
+    return chosen_build() if kernels_available() else None
 
 
 def why_unavailable() -> str | None:
@@ -211,7 +219,8 @@ def attention_kernel_available() -> bool:
     """`kernels_available` with the decode-attention kernel (the AVX-512 build), which torch.compile takes as a
     constant of the graph (it reads files): compiling marks it so (`generation/compile.py`), not this module,
     whose import would otherwise import dynamo (~1.5 s)."""
-    return kernels_available() and chosen_build().attention
+    build = loaded_build()
+    return build is not None and build.attention
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:

@@ -32,8 +32,6 @@
 
 namespace {
 
-constexpr int64_t kRunPairs = 128;  // bfloat16, several rows: input pairs per run of weights reread from cache
-constexpr int64_t kTileRows = 128;
 
 inline __m256 load_bf16x8(const at::BFloat16* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -136,27 +134,61 @@ inline __m128i to_int16(__m256i v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08));
 }
 
-// int8: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting their largest
-// |x_k| in [2^12, 2^13), each written as two signed 7-bit digits v = d0 + 2^7 d1 (|d1| <= 64): digits (2K,) holds
-// the K d0, then the K d1. Per 32 inputs: units32 gets 2^-e (NaN if they hold a NaN or an infinity), sums32 the
-// sum of the integers.
-void to_int8_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* units32, int32_t* sums32) {
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    const float unit = units32[k0 / 32] = unit_for(x + k0, 32, 13);
-    const __m256 up = _mm256_set1_ps(std::isnan(unit) ? 0.0f : 1.0f / unit);  // exact: a power of two
-    __m256i vsum = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k0 + 32; k += 8) {
-      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(x + k), up));
-      vsum = _mm256_add_epi32(vsum, v);
-      const __m256i d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 25), 25);  // the low 7 bits, sign-extended
-      const __m256i d1 = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), 7);
-      for (int j = 0; j < 2; ++j) {  // 8 int32 -> 8 bytes
-        const __m128i w16 = to_int16(j ? d1 : d0);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
-      }
-    }
-    sums32[k0 / 32] = std::isnan(unit) ? 0 : static_cast<int32_t>(sum_i32(vsum));  // < 2^18
+// The activations as the int8 and int4 kernels take them: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e
+// rounded to nearest, 2^e putting their largest |x_k| in [2^(bits+5), 2^(bits+6)), each written as two signed
+// digits of `bits` bits, v = d0 + 2^bits d1 (|d1| <= 64): an input within 2^(bits-2) of its 32's largest is exact
+// (bfloat16 has 8 significant bits), the rest rounded at 2^-(bits+6) of it, so an outlier costs the precision of
+// its 31 neighbours only. Within each 8 inputs, digit position p holds input order[p].
+struct Digits {
+  int64_t K;
+  std::vector<int8_t> digits;         // per row: the K d0, then the K d1
+  std::vector<float> units32;         // per 32 inputs: 2^-e (NaN if they hold a NaN or an infinity)
+  std::vector<int32_t> sums32;        // per 32 inputs: the sum of the integers (0 where the unit is NaN)
+  std::vector<float> xsum32;          // per 32 inputs: the sum of x
+
+  struct Row {
+    const int8_t* digits;
+    const float* units32;
+    const int32_t* sums32;
+    const float* xsum32;
+  };
+  Row row(int64_t m) const {
+    const int64_t r = m * K / 32;
+    return {digits.data() + m * 2 * K, units32.data() + r, sums32.data() + r, xsum32.data() + r};
   }
+};
+
+Digits to_digits(const torch::Tensor& x, int bits, __m256i order) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Digits out{K, std::vector<int8_t>(M * 2 * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32),
+             std::vector<float>(M * K / 32)};
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const int shift = 32 - bits;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* digits = out.digits.data() + m * 2 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const int64_t i = (m * K + k0) / 32;
+      const float unit = out.units32[i] = unit_for(xp + m * K + k0, 32, bits + 6);
+      const __m256 up = _mm256_set1_ps(std::isnan(unit) ? 0.0f : 1.0f / unit);  // exact: a power of two
+      __m256i vsum = _mm256_setzero_si256();
+      __m256 xs = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k0 + 32; k += 8) {
+        const __m256 xv = load_bf16x8(xp + m * K + k);
+        xs = _mm256_add_ps(xs, xv);
+        const __m256i v = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(xv, up)), order);
+        vsum = _mm256_add_epi32(vsum, v);
+        const __m256i d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, shift), shift);  // the low digit, sign-extended
+        const __m256i d1 = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), bits);
+        for (int j = 0; j < 2; ++j) {  // 8 int32 -> 8 bytes
+          const __m128i w16 = to_int16(j ? d1 : d0);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
+        }
+      }
+      out.sums32[i] = std::isnan(unit) ? 0 : static_cast<int32_t>(sum_i32(vsum));  // < 2^19
+      out.xsum32[i] = sum_ps(xs);
+    }
+  }
+  return out;
 }
 
 // int8: one row's digits against the 64 outputs whose weights start at w, with their scales s: y (64,). A run of 4
@@ -166,8 +198,7 @@ void to_int8_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* uni
 // second reading them from L1, and each run asks for two lines 8 KB ahead. Per 32 inputs the exact sum
 //   sum_k v_k q_nk = sum_k d0_k (128 + q_nk) + 2^7 sum_k d1_k (128 + q_nk) - 128 sum_k v_k      (|.| < 2^26)
 // is taken to float32 and times 2^-e; the total, times the scale, is the output.
-void dot_64_int8(const int8_t* digits, const float* units32, const int32_t* sums32, const uint8_t* w, int64_t K,
-                 const at::BFloat16* s, at::BFloat16* y) {
+void dot_64_int8(const Digits::Row& a, const uint8_t* w, int64_t K, const at::BFloat16* s, at::BFloat16* y) {
   alignas(32) float total[64] = {};
   alignas(32) int32_t low[64];  // the first digit's sums of a span
   const __m256i ones = _mm256_set1_epi16(1);
@@ -177,7 +208,7 @@ void dot_64_int8(const int8_t* digits, const float* units32, const int32_t* sums
       __m256i acc[kBlocks][2];
       for (auto& a : acc) a[0] = a[1] = _mm256_setzero_si256();
       for (int c = 0; c < 8; ++c) {  // inputs k0 + 4c .. +3: 4 lines
-        const __m256i digit = _mm256_set1_epi32(load_i32(digits + j * K + k0 + 4 * c));
+        const __m256i digit = _mm256_set1_epi32(load_i32(a.digits + j * K + k0 + 4 * c));
         const uint8_t* wc = ws + c * 64 * kBlocks;
         const uint8_t* ahead = ws + kQuantizedPrefetchBytes + 128 * (8 * j + c);  // the 32 lines of a span, 2 a run
         prefetch_quantized(ahead);
@@ -188,8 +219,8 @@ void dot_64_int8(const int8_t* digits, const float* units32, const int32_t* sums
             acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v, digit), ones));
           }
       }
-      const __m256i offset = _mm256_set1_epi32(-128 * sums32[k0 / 32]);
-      const __m256 unit = _mm256_set1_ps(units32[k0 / 32]);
+      const __m256i offset = _mm256_set1_epi32(-128 * a.sums32[k0 / 32]);
+      const __m256 unit = _mm256_set1_ps(a.units32[k0 / 32]);
       for (int b = 0; b < kBlocks; ++b)
         for (int h = 0; h < 2; ++h) {
           __m256i* first = reinterpret_cast<__m256i*>(low + 16 * b + 8 * h);
@@ -206,46 +237,20 @@ void dot_64_int8(const int8_t* digits, const float* units32, const int32_t* sums
   for (int n = 0; n < 64; n += 8) store_bf16x8(y + n, _mm256_mul_ps(_mm256_load_ps(total + n), load_bf16x8(s + n)));
 }
 
-// int4: each 32 inputs of a row x (K,) as integers v_k = x_k 2^e rounded to nearest, 2^e putting their largest
-// |x_k| in [2^13, 2^14): each input within 2^6 of its 32's largest exact (bfloat16 has 8 significant bits), the
-// rest rounded at 2^-14 of it, so an outlier costs the precision of its 31 neighbours only. Each integer is
-// written as two signed bytes v = d0 + 2^8 d1 (|d1| <= 64): digits (2K,) holds the K d0, then the K d1, within
-// each 8 inputs in the order the layout wants: a 32-bit lane of a line holds one output's 8 codes of inputs
-// 8c..8c+7 (cpu.cpp), its bytes' low nibbles those of inputs 8c, 8c+4, 8c+1, 8c+5 and their high nibbles 8c+2,
-// 8c+6, 8c+3, 8c+7, so 4 bytes of digits broadcast meet the low nibbles and the next 4 the high ones. Per 32
-// inputs: units32 gets 2^-e (NaN if they hold a NaN or an infinity), sums32 the sum of the integers, xsum32 the
-// sum of x.
-void to_digits(const at::BFloat16* x, int64_t K, int8_t* digits, float* units32, int32_t* sums32, float* xsum32) {
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    const float unit = units32[k0 / 32] = unit_for(x + k0, 32, 14);
-    __m256i vsum = _mm256_setzero_si256();
-    __m256 xs = _mm256_setzero_ps();
-    const __m256 up = _mm256_set1_ps(std::isnan(unit) ? 0.0f : 1.0f / unit);  // exact: a power of two
-    for (int64_t k = k0; k < k0 + 32; k += 8) {
-      const __m256 xv = load_bf16x8(x + k);
-      xs = _mm256_add_ps(xs, xv);
-      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(xv, up)), order);
-      vsum = _mm256_add_epi32(vsum, v);
-      const __m256i d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24);  // the low byte, sign-extended
-      const __m256i d1 = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), 8);
-      for (int j = 0; j < 2; ++j) {  // 8 int32 -> 8 bytes
-        const __m128i w16 = to_int16(j ? d1 : d0);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(digits + j * K + k), _mm_packs_epi16(w16, w16));
-      }
-    }
-    sums32[k0 / 32] = std::isnan(unit) ? 0 : static_cast<int32_t>(sum_i32(vsum));  // < 2^19
-    xsum32[k0 / 32] = sum_ps(xs);
-  }
-}
+// int4: digits of 8 bits, in the order the layout's nibbles hold their inputs: a 32-bit lane of a line holds one
+// output's 8 codes of inputs 8c..8c+7 (cpu.cpp), its bytes' low nibbles those of inputs 8c, 8c+4, 8c+1, 8c+5 and
+// their high nibbles 8c+2, 8c+6, 8c+3, 8c+7, so 4 bytes of digits broadcast meet the low nibbles and the next 4
+// the high ones. int8: digits of 7 bits (2 x 255 x 64 < 2^15: no saturation), in input order.
+Digits int4_digits(const torch::Tensor& x) { return to_digits(x, 8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); }
+Digits int8_digits(const torch::Tensor& x) { return to_digits(x, 7, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 
 // int4: one row's digits against the 64 outputs whose weights start at w and scales and zeros at sz: y (64,).
 // Per 32 inputs and 8 outputs, the two digits' 16-bit sums are widened and joined exactly in 32 bits,
 //   sum_k v_k (q_nk - 8) = sum_j 2^(8j) sum_k d_jk q_nk - 8 sum_k v_k        (|.| <= 2^22),
 // then times the 32's 2^-e; per group, times the scale, plus the zero times the group's sum of x, as cpu.cpp's
 // add_group.
-void dot_64_int4(const int8_t* digits, const float* units32, const int32_t* sums32, const float* xsum32,
-                 const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y, int64_t K, int64_t gs) {
+void dot_64_int4(const Digits::Row& a, const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y, int64_t K,
+                 int64_t gs) {
   constexpr int D = 2;
   alignas(32) float acc[64] = {}, centered[64];
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -253,13 +258,13 @@ void dot_64_int4(const int8_t* digits, const float* units32, const int32_t* sums
     std::memset(centered, 0, sizeof(centered));
     float xsum = 0;
     for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += 32) {
-      xsum += xsum32[k0 / 32];
+      xsum += a.xsum32[k0 / 32];
       __m256i d[D][4][2];  // [digit][run][low, high nibbles]: the span's 4 runs of 8 inputs, 4 bytes broadcast
       for (int j = 0; j < D; ++j)
         for (int c = 0; c < 4; ++c)
-          for (int n = 0; n < 2; ++n) d[j][c][n] = _mm256_set1_epi32(load_i32(digits + j * K + k0 + 8 * c + 4 * n));
-      const __m256i eight_v = _mm256_set1_epi32(8 * sums32[k0 / 32]);
-      const __m256 unit = _mm256_set1_ps(units32[k0 / 32]);
+          for (int n = 0; n < 2; ++n) d[j][c][n] = _mm256_set1_epi32(load_i32(a.digits + j * K + k0 + 8 * c + 4 * n));
+      const __m256i eight_v = _mm256_set1_epi32(8 * a.sums32[k0 / 32]);
+      const __m256 unit = _mm256_set1_ps(a.units32[k0 / 32]);
       const uint8_t* ws = w + k0 / 8 * 64 * kBlocks;
       for (int b = 0; b < kBlocks; ++b)
         for (int h = 0; h < 2; ++h) {
@@ -304,56 +309,29 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
   auto* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t t0 = 0; t0 < M; t0 += kTileRows) {  // as cpu.cpp: tiles of rows, runs of each block's weights
-    const int64_t rows = std::min(kTileRows, M - t0);
-    at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sums(rows * 64);
-      for (int64_t nb = begin; nb < end; ++nb) {
-        const uint8_t* wb = wp + nb * 128 * K;
-        for (int64_t c0 = 0; c0 < K / 2; c0 += kRunPairs) {
-          const int64_t c1 = std::min(K / 2, c0 + kRunPairs);
-          for (int64_t m = t0; m < t0 + rows;) {
-            const at::BFloat16* xm = xp + m * K;
-            float* sm = sums.data() + (m - t0) * 64;
-            at::BFloat16* ym = c1 == K / 2 ? yp + m * N + nb * 64 : nullptr;
-            if (t0 + rows - m >= 2) {  // two rows at once, half the blocks at a time: 8 sums in registers
-              dot_bf16<2, 2>(xm, K, wb, 0, c0, c1, sm, ym, N);
-              dot_bf16<2, 2>(xm, K, wb, 2, c0, c1, sm, ym, N);
-              m += 2;
-            } else {
-              dot_bf16<1, 4>(xm, K, wb, 0, c0, c1, sm, ym, N);
-              m += 1;
-            }
-          }
-        }
-      }
-    });
-  }
+  bf16_runs(xp, wp, yp, M, K, N, [&](const at::BFloat16* xm, int64_t rows, const uint8_t* wb, int64_t c0, int64_t c1,
+                                     float* sums, at::BFloat16* ym) -> int64_t {
+    if (rows >= 2) {  // two rows at once, half the blocks at a time: 8 sums in registers
+      dot_bf16<2, 2>(xm, K, wb, 0, c0, c1, sums, ym, N);
+      dot_bf16<2, 2>(xm, K, wb, 2, c0, c1, sums, ym, N);
+      return 2;
+    }
+    dot_bf16<1, 4>(xm, K, wb, 0, c0, c1, sums, ym, N);
+    return 1;
+  });
   return y;
 }
 
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
   check_int8_mm(x, w, scales);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64;
-  const torch::Tensor xc = x.contiguous();
-  std::vector<int8_t> digits(M * 2 * K);
-  std::vector<float> units32(M * K / 32);
-  std::vector<int32_t> sums32(M * K / 32);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t r = m * K / 32;
-    to_int8_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * 2 * K], &units32[r], &sums32[r]);
-  }
+  const Digits a = int8_digits(x.contiguous());
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        dot_64_int8(&digits[m * 2 * K], &units32[m * K / 32], &sums32[m * K / 32], wp + nb * 64 * K, K,
-                    sp + nb * 64, yp + m * N + nb * 64);
-      }
-    }
+  blocks_by_rows(N, M, [&](int64_t nb, int64_t m) {
+    dot_64_int8(a.row(m), wp + nb * 64 * K, K, sp + nb * 64, yp + m * N + nb * 64);
   });
   return y;
 }
@@ -361,26 +339,13 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size) {
   check_int4_mm(x, w, sz, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 64, groups = K / group_size;
-  const torch::Tensor xc = x.contiguous();
-  std::vector<int8_t> digits(M * 2 * K);
-  std::vector<int32_t> sums32(M * K / 32);
-  std::vector<float> xsum32(M * K / 32), units32(M * K / 32);
-  for (int64_t m = 0; m < M; ++m) {
-    to_digits(xc.data_ptr<at::BFloat16>() + m * K, K, &digits[m * 2 * K], &units32[m * K / 32], &sums32[m * K / 32],
-              &xsum32[m * K / 32]);
-  }
+  const Digits a = int4_digits(x.contiguous());
   torch::Tensor y = torch::empty({M, N}, x.options());
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m = 0; m < M; ++m) {  // the block's weights are read from memory once, then from cache
-        const int64_t r = m * K / 32;
-        dot_64_int4(&digits[m * 2 * K], &units32[r], &sums32[r], &xsum32[r], wp + nb * 32 * K, sp + nb * 128 * groups,
-                    yp + m * N + nb * 64, K, group_size);
-      }
-    }
+  blocks_by_rows(N, M, [&](int64_t nb, int64_t m) {
+    dot_64_int4(a.row(m), wp + nb * 32 * K, sp + nb * 128 * groups, yp + m * N + nb * 64, K, group_size);
   });
   return y;
 }

@@ -67,7 +67,7 @@ def test_the_avx2_kernels_on_a_cpu_that_has_avx512_too():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = [line for line in done.stdout.splitlines() if " passed" in line]  # "12 passed in 30.1s"
     assert summary and "skipped" not in summary[-1], done.stdout[-2000:]
-    assert "used (avx2 build)" in done.stdout
+    assert "used (AVX2 build)" in done.stdout
 
 
 def test_a_failed_build_says_so_in_one_line_once(tmp_path, monkeypatch, capsys):
