@@ -11,17 +11,24 @@ MODELCODE_NO_CPU_KERNELS=1 for PyTorch's int4 too), eager and compiled.
 Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
 
     python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 bf16-modelcode int8 int8-pytorch int4] [--compile]
+        [--out benchmarks/results/gemv-llama-1b.json]
 """
 
 import argparse
+import json
+import math
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from modelcode.bench.measure import read_bandwidth
+from modelcode.bench.run import machine
 from modelcode.kernels.cpu import why_unavailable
-from modelcode.loading import registry
+from modelcode.loading import build
+
+RESULTS = Path(__file__).parent / "results"
 
 
 class Stack(nn.Module):
@@ -40,9 +47,7 @@ class Stack(nn.Module):
 
 def linear_shapes(preset: str) -> list[tuple[int, int]]:
     """(out, in) of every distinct Linear shape of the preset, output head included."""
-    arch, config = registry.preset(preset)
-    with torch.device("meta"):
-        model = arch.model(config)
+    model = build(preset=preset).model  # on the meta device
     return sorted({(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)})
 
 
@@ -85,7 +90,11 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=["bf16", "bf16-modelcode", "int8", "int8-pytorch", "int4"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gb", type=float, default=0.6, help="bf16 bytes per stack, at most 64 layers")
+    parser.add_argument("--out", type=Path, help="the JSON file of the rows (default: "
+                        "benchmarks/results/gemv-PRESET.json)")
     args = parser.parse_args()
+    out = args.out or RESULTS / f"gemv-{args.preset}.json"
+    rows = []
     roofline = read_bandwidth(torch.device("cpu"))
     print(f"roofline (sum of a 1 GiB float32 tensor): {roofline:.1f} GB/s on {torch.get_num_threads()} threads")
     print(f"{'kernel':>14} {'shape (out, in)':>16} {'layers':>6} {'eager GB/s':>10} {'compiled GB/s':>13} "
@@ -109,6 +118,12 @@ def main() -> None:
                 compiled = seconds(step, x)
             print(f"{kernel:>14} {str(shape):>16} {n:>6} {nbytes / eager / 1e9:>10.1f} "
                   f"{nbytes / compiled / 1e9:>13.1f} {eager / n * 1e6:>14.0f} {compiled / n * 1e6:>17.0f}", flush=True)
+            rows.append(dict(kernel=kernel, shape=shape, layers=n, eager_gb_s=nbytes / eager / 1e9,
+                             compiled_gb_s=None if math.isnan(compiled) else nbytes / compiled / 1e9))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(settings=vars(args) | dict(out=str(out)), roofline_gb_s=roofline,
+                                   machine=machine(torch.device("cpu")), rows=rows), indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

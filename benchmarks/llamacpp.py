@@ -36,7 +36,7 @@ from modelcode.generation import generate
 from modelcode.generation.compile import CompiledModel
 from modelcode.loading import load_model
 from modelcode.loading.weight_maps.llama import hf_to_meta_rope
-from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.host import prepare_decoding
 
 RESULTS = Path(__file__).parent / "results"
 # llama.cpp's type for modelcode's weights of each kind: float32 / bfloat16 as they are, int8 -> q8_0, int4 -> q4_0.
@@ -196,7 +196,7 @@ def main() -> None:
     n_ctx = args.prompt_len + args.new_tokens + 8
     subjects = {"llama.cpp": LlamaCpp(path, n_ctx, args.threads, not args.no_extra_bufts).generate}
     if set(args.modes) - {"eager"}:
-        prepare_cpu_decoding(model)
+        prepare_decoding(model)
     if "saved" in args.modes:  # compiled into the store unless an earlier run did; the subject below loads it
         generate(CompiledModel(model, n_ctx, saved=True), [prompt], 2)
     for mode in args.modes:

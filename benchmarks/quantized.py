@@ -24,7 +24,7 @@ from modelcode.bench.run import Settings, kv_bytes, machine, summarize, timed_ru
 from modelcode.bench.subjects import random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.quantization import quantize
-from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.host import prepare_decoding
 
 VARIANTS = {  # name -> (mode, group size, `quantize`'s head: None int8, True the layers' mode, False bf16)
     "bf16": None,
@@ -44,7 +44,7 @@ def build(preset: str, variant: str, slots: int) -> tuple[CompiledModel, int]:
     if VARIANTS[variant] is not None:
         mode, group_size, head = VARIANTS[variant]
         quantize(model, mode, group_size, head=head)
-    prepare_cpu_decoding(model)
+    prepare_decoding(model)
     return CompiledModel(model, slots), weight_bytes(model)
 
 

@@ -1,6 +1,7 @@
 """Speculative decoding vs plain decoding on the embedded TinyStories-656K, side by side in one run.
 
     python benchmarks/speculative.py [--threads 1] [--new-tokens 128] [--repeats 3]
+        [--out benchmarks/results/tinystories-speculative.json]
 
 Wall-clock tokens/s of greedy decoding (all methods emit the same tokens), the median of interleaved
 repeats, with the acceptance rate and tokens per target pass. The drafts are made from the target
@@ -10,14 +11,19 @@ itself (there is no smaller TinyStories model): its first layer alone, and a cop
 import argparse
 import copy
 import dataclasses
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import modelcode
+from modelcode.bench.run import machine
 from modelcode.generation.speculative import speculative_generate
 from modelcode.models.llama import Llama
+
+RESULTS = Path(__file__).parent / "results"
 
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a", "One day, a bird",
            'Lily said, "Can I play?" Max said, "Yes, you can play." Lily said, "Can I play?" Max said,']
@@ -43,6 +49,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", nargs="*", default=PROMPTS, help="the prompts (default: four stories)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tinystories-speculative.json", help="the JSON of the rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = modelcode.load("tinystories-656k")
@@ -73,6 +80,7 @@ def main():
     print(f"TinyStories-656K, CPU, {args.threads} thread(s), {len(prompts)} prompts x {n} greedy tokens, "
           f"median of {args.repeats}")
     print(f"{'method':34} {'tokens/s':>9} {'speed-up':>9} {'accepted':>9} {'tok/pass':>9}")
+    rows = []
     for name in methods:
         tps = n * len(prompts) / statistics.median(times[name])
         if name in stats:
@@ -80,7 +88,14 @@ def main():
             per_pass = n * len(prompts) / sum(s.target_passes for s in stats[name])
             print(f"{name:34} {tps:9.0f} {tps / base:8.2f}x {acc:9.1%} {per_pass:9.2f}")
         else:
+            acc, per_pass = None, 1.0
             print(f"{name:34} {tps:9.0f} {1:8.2f}x {'':>9} {1:9.2f}")
+        rows.append(dict(method=name, tokens_per_s=tps, speed_up=tps / base, accepted=acc,
+                         tokens_per_target_pass=per_pass))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(settings=vars(args) | dict(out=str(args.out)),
+                                        machine=machine(torch.device("cpu")), rows=rows), indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

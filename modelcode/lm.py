@@ -14,7 +14,7 @@ from modelcode.generation import GenerationOutput, IncrementalDetokenizer, Sampl
 from modelcode.generation.compile import CompiledModel, default_steps_per_call, saves_steps
 from modelcode.generation.speculative import SpeculativeOutput, same_tokenizer, speculative_generate
 from modelcode.kernels import Installed
-from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.host import prepare_decoding
 from modelcode.tokenization import ChatFormat, Tokenizer, generation_stop_ids, load_chat_format, load_tokenizer
 
 Message = dict[str, str]
@@ -67,10 +67,10 @@ class LM:
         most 2048) and compiled decode steps (see `generation/compile.py` for `freeze`, `autotune`,
         `steps_per_call`, and `saved` and `build`: a small model's steps compiled once per machine and kept). The
         first generation of each batch size (and sampling setting) compiles; prompt and new tokens together end
-        at `max_seq_len`. On CPU, modelcode's kernels are installed on the model first
-        (`kernels.install_cpu_kernels`: its bfloat16 Linear layers rearranged in place, ...). Returns self."""
+        at `max_seq_len`. modelcode's kernels are installed on the model first (`kernels.install_cpu_kernels`:
+        its bfloat16 Linear layers rearranged in place, ...; on CUDA `install_gpu_kernels`). Returns self."""
         fingerprint = self.fingerprint()  # of the weights as loaded, before the kernels rearrange them
-        self.kernels = prepare_cpu_decoding(self.model)
+        self.kernels = prepare_decoding(self.model)
         self.compiled = CompiledModel(self.model, max_seq_len, freeze, autotune, steps_per_call, saved, build,
                                       fingerprint)
         return self

@@ -25,9 +25,8 @@ class Roofline:
     """The device's streaming-read bandwidth: GB/s of a sum over a `gib` GiB float32 tensor, far larger than
     any cache, done by PyTorch's own vectorized reduction on all its threads. A benchmark reads it again
     before every timed run: on a machine shared with others, what memory delivers can change by half from
-    one minute to the next (seen: 45 to 76 GB/s on a 2-core VM), so each run is set against its own moment.
-    On CPU the tensor lies on huge pages, as a compiled model's weights do (`kernels/pages.py`; the sum is
-    ~6% faster there than on 4 KB pages on a 2-core Zen 5 VM)."""
+    one minute to the next on a 2-core VM, so each run is set against its own moment. On CPU the tensor lies
+    on huge pages, as a compiled model's weights do (`kernels/pages.py`), which streams faster than 4 KB pages."""
 
     def __init__(self, device: torch.device, gib: float = 1.0):
         self.device = device

@@ -28,7 +28,7 @@ from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, loaded_buil
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
-from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.host import prepare_decoding
 from modelcode.quantization.linear import triton_ready
 
 MATMUL_FLAGS = {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -230,7 +230,7 @@ def bench(s: Settings, log=print) -> dict:
     result["model"] = dict(name=name, parameters=n_params, weight_bytes_per_step=w_bytes, dtype=str(dtype),
                            quantize=s.quantize, quantize_head=head)
     slots = s.prompt_len + s.new_tokens  # the compiled cache attends over all its slots; eager ones grow
-    installed = prepare_cpu_decoding(model) if s.compile else Installed()  # what compiled decoding runs on
+    installed = prepare_decoding(model) if s.compile else Installed()  # what compiled decoding runs on
     runner = CompiledModel(model, slots, s.freeze, s.autotune, s.steps_per_call) if s.compile else model
     result["kernels"] = dict(installed=asdict(installed), layers=layer_kernels(model))
     log("matmuls: " + ", ".join(f"{n} x {kind}" for kind, n in Counter(result["kernels"]["layers"].values()).items()))

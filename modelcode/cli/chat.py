@@ -33,7 +33,7 @@ def main(*, model: str | None = None, system: str | None = None, max_new_tokens:
 
     lm = modelcode.load(model, dtype=dtype, device=device, task="causal-lm", tp=tp)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if compile:  # a two-token reply with the same sampling compiles what the turns will run
+    if compile:  # a two-token reply with the same sampling compiles what the turns run
         compile_for(lm, lambda: list(ChatSession(lm, system, max_new_tokens=2, **sampling).send("Hello")))
     elif tp is None and lm.compile_if_saved():  # steps an earlier --compile kept: loaded before the first turn
         list(ChatSession(lm, system, max_new_tokens=2, **sampling).send("Hello"))

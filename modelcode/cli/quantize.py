@@ -35,7 +35,7 @@ def main(model: str, *, mode: Literal["int8", "int4"], out: str, group_size: int
           f"{head_mode(lm.model) or 'not quantized'}), weights {source_bytes / 2**20:.1f} MiB -> "
           f"{_bytes(lm.model) / 2**20:.1f} MiB")
     if report:
-        del lm  # compare what was written, loaded back the way users will load it, with a fresh original
+        del lm  # compare what was written, loaded back the way users load it, with a fresh original
         texts = read_texts(text) if text else None
         print(quality_report(modelcode.load(model, dtype=dtype, device=device),
                              modelcode.load(folder, dtype=dtype, device=device), texts))

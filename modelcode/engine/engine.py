@@ -25,7 +25,7 @@ from modelcode.engine.sampler import logprobs_of, next_tokens
 from modelcode.engine.scheduler import Chunk, Scheduler
 from modelcode.generation.detokenize import IncrementalDetokenizer
 from modelcode.layers import PagedKVCache
-from modelcode.quantization.host import prepare_cpu_decoding
+from modelcode.quantization.host import prepare_decoding
 
 MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's API
 
@@ -50,7 +50,7 @@ class Engine:
         positions (default: from `kv_cache_bytes`, else enough for max_batch_size full contexts, at most a
         quarter of the device's memory). `max_batched_tokens`: prompt tokens computed per step, besides
         one token for each running request. `cpu_kernels`: for a bfloat16 model on CPU, install modelcode's
-        kernels on it first (`quantization.host.prepare_cpu_decoding`, in place, as `LM.compile` does)."""
+        kernels on it first (`quantization.host.prepare_decoding`, in place, as `LM.compile` does)."""
         if max_batch_size < 1 or max_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_batched_tokens and block_size must be at least 1")
         self.lm, self.model, config = lm, lm.model, lm.model.config
@@ -58,7 +58,7 @@ class Engine:
         embedding = next(m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)).weight
         self.device = embedding.device
         if cpu_kernels and self.device.type == "cpu" and embedding.dtype == torch.bfloat16:
-            prepare_cpu_decoding(self.model)
+            prepare_decoding(self.model)
         block_bytes = 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * embedding.element_size()
         if num_blocks is None:
             wanted = max_batch_size * -(-self.max_seq_len // block_size) + 1

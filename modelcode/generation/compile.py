@@ -9,20 +9,22 @@ compiled once per batch size, whatever the prompt lengths or the number of new t
 What is compiled is `decode_steps`: k decode steps in one call, each feeding one token per sequence and
 sampling the next inside the graph (greedy, or from noise drawn outside with the caller's seeded
 generator, so results equal plain generation's). A call costs a fixed ~0.1 ms on CPU besides its
-kernels (dynamo's guards, the wrappers, the host reading the new tokens, Python's loop): nothing for a
-1B model whose step takes 85 ms, but 40% of a 656K one's 0.36 ms per token. So small models unroll
+kernels (dynamo's guards, the wrappers, the host reading the new tokens, Python's loop): nothing beside a
+1B model's step, but a large part of a 656K one's (see BENCHMARKS.md). So small models unroll
 k = 8 steps per call (and check for stops after each call, dropping what a finished sequence sampled
 past its end); large ones take k = 1, as k multiplies the compile time. Prefill runs eagerly: its shapes
 change with every prompt, and it is a few large matrix products, where eager kernels already run well.
 
 How the step is compiled depends on the device. On GPU the step is recorded as a CUDA graph and
-replayed, all its kernels with one launch (`mode="reduce-overhead"`). On CPU inductor writes C++; with
-`freeze` it takes the weights as constants, which lets `autotune` time its own C++ micro-GEMMs (AMX or
-AVX-512, on weights prepacked for them) against the library kernels, shape by shape, and keep the faster.
+replayed, all its kernels with one launch (`mode="reduce-overhead"`), and `decode` launches each call
+before the host reads the last one's tokens, so the GPU never waits for the host's stop checks. On CPU
+inductor writes C++; with `freeze` it takes the weights as constants, which lets `autotune` time its own
+C++ micro-GEMMs (AMX or AVX-512, on weights prepacked for them) against the library kernels, shape by
+shape, and keep the faster.
 For the one-row matmuls of decoding its kernels stream weights faster than eager `F.linear` (see
 BENCHMARKS.md). The price: a second, prepacked copy of the weights in memory (a third, briefly, while
 compiling), a longer compile, and weights that must not change afterwards. Faster still are modelcode's own
-CPU kernels, which `LM.compile` installs on the model first (`quantization.host.prepare_cpu_decoding`): the layers
+CPU kernels, which `LM.compile` installs on the model first (`quantization.host.prepare_decoding`): the layers
 they take are no longer plain Linear layers, so inductor leaves them to those kernels, with no second copy.
 
 Small models on CPU do not compile their steps in each process: `aot.py` compiles them ahead of time once per
@@ -149,8 +151,8 @@ class CompiledModel:
             tokens = next_tokens[:, None]
         return torch.stack(new, 1), torch.stack(lps, 1) if logprobs else None
 
-    def decode_steps(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, last_position: int,
-                     params: SamplingParams, generator: torch.Generator | None,
+    def decode_steps(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                     last_position: int | torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                      logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`generate.decode_steps`'s contract, k steps at once: (B, k) new ids and (B, k) logprobs (or None)."""
         batch = tokens.shape[0]
@@ -160,9 +162,11 @@ class CompiledModel:
         if params.temperature > 0:  # the noise each step samples with, in the order plain decoding draws it
             shape = (batch, self.config.vocab_size)
             races = torch.stack([exponential_race(shape, self.device, generator) for _ in range(self.steps_per_call)])
-        # The graph is specialized to its inputs' strides; the tokens arrive as a column of the last call's output.
-        tokens = tokens.clone(memory_format=torch.contiguous_format)
-        args = (tokens, positions, torch.tensor(last_position, device=self.device), cache, races,
+        # The graph is specialized to its inputs' strides: the last column of k > 1 steps' output is copied out.
+        tokens = tokens[:, -1:]
+        if tokens.stride() != (1, 1):
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+        args = (tokens, positions, torch.as_tensor(last_position, device=self.device), cache, races,
                 params.temperature, params.top_k, params.top_p, logprobs)
         key = (batch, params, logprobs)
         if self.saved:

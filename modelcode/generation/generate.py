@@ -89,18 +89,20 @@ def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor, position
 
 
 def decode_steps(model: nn.Module, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                 last_position: int, params: SamplingParams, generator: torch.Generator | None,
+                 last_position: int | torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                  logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What `decode` advances by: here one `decode_step`, as (B, 1) ids and (B, 1) logprobs (or None); a
-    compiled model's own `decode_steps` returns k of each."""
-    next_tokens, lp = decode_step(model, cache, tokens, positions, last_position, params, logprobs, generator)
+    """What `decode` advances by: the last call's (B, j) tokens in, its last column fed; here one
+    `decode_step`, as (B, 1) ids and (B, 1) logprobs (or None); a compiled model's own returns k of each."""
+    next_tokens, lp = decode_step(model, cache, tokens[:, -1:], positions, last_position, params, logprobs,
+                                  generator)
     return next_tokens[:, None], None if lp is None else lp[:, None]
 
 
 @torch.inference_mode()
 def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list[int], budgets: list[int],
            params: SamplingParams, stop_ids: frozenset[int] = frozenset(), generator: torch.Generator | None = None,
-           logprobs: bool = False, stop_check: Callable[[int, int], bool] | None = None) -> Iterator[Step]:
+           logprobs: bool = False, stop_check: Callable[[int, int], bool] | None = None,
+           ahead: bool | None = None) -> Iterator[Step]:
     """Sample, feed back, repeat: yields one Step per new position until every sequence has finished.
 
     logits: (B, V) after each prompt's last token; lengths: each prompt's length (its next position).
@@ -108,21 +110,32 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
     The model advances by `decode_steps` (one `decode_step`), or by its own (a compiled model: k per call),
     and the host reads each call's tokens at once, to check them for stops in order; tokens a sequence
     sampled after its end are dropped.
+
+    ahead: launch each call before the host reads the last one's tokens, so that a GPU never waits for the
+    host's stop checks (default: a compiled model on CUDA). Its static cache is written only up to the last
+    position, so a call past a stop costs time, never the cache; none is launched past the budgets.
     """
     advance = getattr(model, "decode_steps", None) or partial(decode_steps, model)
-    positions = torch.tensor(lengths, device=logits.device)[:, None]  # (B, 1): where the next fed token goes
+    device = logits.device
+    ahead = hasattr(model, "decode_steps") and device.type == "cuda" if ahead is None else ahead
+    positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1): where the next fed token goes
     last_position = max(n + b for n, b in zip(lengths, budgets)) - 1
     if last_position >= model.config.max_seq_len:  # a compiled model's cache would be written out of bounds
         raise ContextLengthError(f"prompt and new tokens reach position {last_position}, past the model's context "
                                  f"of {model.config.max_seq_len} positions: cap the budgets with context_budget")
+    last = torch.tensor(last_position, device=device)  # made once: on a GPU a tensor from the host costs a copy
     first = sample(logits, params, generator)
     chunk = first[:, None]
     chunk_lp = token_logprobs(logits, first)[:, None] if logprobs else None
     produced = [0] * len(lengths)
     done = [b <= 0 for b in budgets]
     while not all(done):
-        lps = chunk_lp.tolist() if logprobs else None
-        for i, column in enumerate(chunk.T.tolist()):  # the one host sync per call
+        arriving = to_host(chunk, chunk_lp)
+        width = chunk.shape[1]
+        more = any(not d and n + width < b for d, n, b in zip(done, produced, budgets))  # within the budgets
+        launched = advance(cache, chunk, positions, last, params, generator, logprobs) if ahead and more else None
+        columns, lps = arriving()  # the one host sync per call
+        for i, column in enumerate(columns):
             step = Step([None] * len(done), [None] * len(done) if logprobs else None)
             for b, token in enumerate(column):
                 if done[b]:
@@ -139,8 +152,24 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
             yield step
             if all(done):
                 return
-        chunk, chunk_lp = advance(cache, chunk[:, -1:], positions, last_position, params, generator, logprobs)
+        chunk, chunk_lp = launched or advance(cache, chunk, positions, last, params, generator, logprobs)
         positions = positions + chunk.shape[1]
+
+
+def to_host(tokens: torch.Tensor, logprobs: torch.Tensor | None) -> Callable[[], tuple[list, list | None]]:
+    """Start moving a call's (B, k) tokens and logprobs to the host; the function returned waits for them and
+    gives the tokens by step (k lists of B) and the logprobs by sequence. On CUDA the copy is queued behind
+    the call that made them, so the wait is for that call only, not for any launched after it."""
+    if tokens.device.type != "cuda":
+        return lambda: (tokens.T.tolist(), None if logprobs is None else logprobs.tolist())
+    host = [None if t is None else t.to("cpu", non_blocking=True) for t in (tokens, logprobs)]
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> tuple[list, list | None]:
+        copied.synchronize()
+        return host[0].T.tolist(), None if host[1] is None else host[1].tolist()
+    return wait
 
 
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),

@@ -1,13 +1,14 @@
 """Kernels modelcode brings where PyTorch's own are slower, installed on a built model from outside by one
-call, `install_cpu_kernels(model)`, which compiled decoding makes on CPU:
+call per device, `install_cpu_kernels(model)` or `install_gpu_kernels(model)`, which compiled decoding makes:
 
 - `cpu.py`, `cpu.cpp`, `attention.cpp`: matmuls for decoding (bfloat16: for prompts and batches too) and
   decoding's attention, on x86 CPUs with AVX-512 (BF16, VNNI), the matmuls also with AVX2;
 - `linear.py`: `PackedBF16Linear`, the layer that runs the bfloat16 one (the int8 and int4 layers that run
   the others are quantization's);
 - `attention.py`: `CPUDecodeAttention`, swapped in for the model's attention core;
-- `fuse.py`: layers that read the same input made one matmul;
-- `pages.py`: weights moved onto huge pages.
+- `fuse.py`: layers that read the same input made one matmul (on GPU too);
+- `pages.py`: weights moved onto huge pages;
+- `triton_gemv.py`: int8 and int4 matmuls for decoding on GPU, which the quantized layers call themselves.
 """
 
 from dataclasses import dataclass
@@ -45,4 +46,14 @@ def install_cpu_kernels(model: nn.Module) -> Installed:
     return Installed(pack_bf16_linears(model), attention, fuse_projections(model), move_to_huge_pages(model))
 
 
-__all__ = ["Installed", "PackedBF16Linear", "install_cpu_kernels", "kernels_available", "pack_bf16_linears"]
+def install_gpu_kernels(model: nn.Module) -> Installed:
+    """On CUDA, in place: layers that read the same input fused into one matmul, plain Linear layers as well
+    as the quantized ones on triton's layout (`kernels/fuse.py`); elsewhere nothing. The outputs stay those of
+    the model's own computation, up to the order of float additions."""
+    if next(model.parameters()).device.type != "cuda":
+        return Installed()
+    return Installed(fused_groups=fuse_projections(model, linear=True))
+
+
+__all__ = ["Installed", "PackedBF16Linear", "install_cpu_kernels", "install_gpu_kernels", "kernels_available",
+           "pack_bf16_linears"]

@@ -2,10 +2,9 @@
 // lie (bfloat16 or float32), computed in float32.
 //
 // Decoding's attention is small (llama-1b at batch 16 over 160 cached positions: ~10 M multiply-adds a layer),
-// yet written as PyTorch ops it took ~16 ms of a ~90 ms compiled batch-16 step on a 2-core Zen 5: inductor
-// converts the cache to float32 copies, then runs the two batched products as 1,408 tiny micro-GEMMs per step
-// (8 x 160 x 64 and 8 x 64 x 160) with a softmax between them. Here one pass over each sequence's keys and one
-// over its values do it all (0.16 ms a layer there), and the heads that share a key/value head (grouped-query
+// yet written as PyTorch ops it costs far more than that: inductor converts the cache to float32 copies, then
+// runs the two batched products as many tiny micro-GEMMs per step with a softmax between them. Here one pass
+// over each sequence's keys and one over its values do it all, and the heads that share a key/value head (grouped-query
 // attention) share each row of it as it is loaded:
 //
 //   scores_hs = (q_h . k_s) / sqrt(hd)  for the keys s the mask lets the query see

@@ -68,7 +68,7 @@
 namespace {
 
 // bfloat16 asks a run ahead into L2 (T1), except on AMD's Zen 4, whose hardware prefetcher alone streams faster
-// (compiled llama-1b beside llama.cpp's bfloat16: 0.84-0.92x with T1, 1.14x without): cpu.py chooses by the CPU,
+// (see BENCHMARKS.md): cpu.py chooses by the CPU,
 // through MODELCODE_BF16_PREFETCH ("t1" or "none"), read once when the library loads.
 const bool kBf16Prefetch = [] {
   const char* v = std::getenv("MODELCODE_BF16_PREFETCH");

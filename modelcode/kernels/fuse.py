@@ -1,5 +1,5 @@
 """Layers that read the same input (q, k and v; a SwiGLU's gate and up) computed as one matmul for decoding,
-swapped in from outside the model by `install_cpu_kernels`.
+swapped in from outside the model by `install_cpu_kernels` and `install_gpu_kernels`.
 
 A decoding step is a chain of matrix-vector products, each of which pays a fixed cost (a kernel call, the
 threads started and joined, memory streams started afresh) besides reading its weights; for small
@@ -9,8 +9,12 @@ layers, their weights are concatenated, once, into one matrix, each layer's own 
 (no second copy, names and state dict unchanged), and the `SameInput` is swapped for `FusedSameInput`, which
 computes them all with one kernel call (llama-1b int4: ~155 -> ~90 calls per token).
 
+On a GPU the same holds for a one-row GEMV: k and v alone are too small to fill the GPU, and each matrix
+is a launch, so there plain Linear layers are fused too.
+
 Fused only where a layer says its tensors stack along the output dimension into one layer of its kind
-(`outputs_stack`: modelcode's bfloat16, int8 and int4 CPU layers).
+(`outputs_stack`: modelcode's bfloat16, int8 and int4 layers, packed for the CPU or on triton's layout), or
+is a plain Linear and `linear` is asked for.
 """
 
 import copy
@@ -38,20 +42,21 @@ class FusedSameInput(SameInput):
         # Past the rows the kernel takes (int8 and int4: 16; bf16: any number) the layers run one by one: a dense
         # matmul first dequantizes its weight, and one layer's fits the last-level cache more often than the
         # fused matrix does.
-        if x.numel() // x.shape[-1] > self.fused.kernel_max_rows:
+        if x.numel() // x.shape[-1] > getattr(self.fused, "kernel_max_rows", float("inf")):
             return super().forward(owner, x)
         return self.fused(x).split(self.sizes, dim=-1)
 
 
-def fusable(layer: nn.Module) -> bool:
+def fusable(layer: nn.Module, linear: bool) -> bool:
     """Whether the layer's tensors (weight, scales, bias) stack along their first dimension into one layer
-    of the same kind."""
-    return getattr(layer, "outputs_stack", False) and all(t.device.type == "cpu" for t in layer.state_dict().values())
+    of the same kind, and it is to be fused: a plain Linear only with `linear`."""
+    return getattr(layer, "outputs_stack", False) or (linear and type(layer) is nn.Linear)
 
 
 def _same_kind(layers: list[nn.Module]) -> bool:
     first = layers[0]
-    return all(type(m) is type(first) and m.in_features == first.in_features
+    devices = {t.device for m in layers for t in m.state_dict().values()}
+    return len(devices) == 1 and all(type(m) is type(first) and m.in_features == first.in_features
                and getattr(m, "group_size", None) == getattr(first, "group_size", None)
                and (m.bias is None) == (first.bias is None)
                and [t.dtype for t in m.state_dict().values()] == [t.dtype for t in first.state_dict().values()]
@@ -80,16 +85,16 @@ def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Swap each `SameInput` whose layers `fusable` takes, all of one kind, for a `FusedSameInput`, in place;
-    returns how many."""
+def fuse_projections(model: nn.Module, linear: bool = False) -> int:
+    """Swap each `SameInput` whose layers `fusable` takes, all of one kind and on one device, for a
+    `FusedSameInput`, in place; returns how many. `linear`: plain Linear layers too."""
     groups = 0
     for name, same in list(model.named_modules()):
         if type(same) is not SameInput:
             continue
         owner = model.get_submodule(name.rpartition(".")[0])
         layers = [getattr(owner, n) for n in same.names]
-        if all(fusable(m) for m in layers) and _same_kind(layers):
+        if all(fusable(m, linear) for m in layers) and _same_kind(layers):
             replace_module(model, name, FusedSameInput(same.names, _concatenated(layers),
                                                        [m.out_features for m in layers]))
             groups += 1

@@ -71,8 +71,8 @@ bool amx_ready();
 constexpr int64_t kQuantizedPrefetchBytes = 8192;
 // ... as non-temporal data on AMD's cores: weights read once per step, kept out of the outer caches, no longer evict
 // what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster per step).
-// On Intel's server cores a non-temporal line skips L2 and the stream runs at half speed (llama-1b's int8 shapes:
-// 10 against 22 GB/s), so there they are asked for into every level. cpu.py chooses by the CPU's vendor, through
+// On Intel's server cores a non-temporal line skips L2 and the stream runs at about half speed, so there they are
+// asked for into every level. cpu.py chooses by the CPU's vendor, through
 // MODELCODE_QUANTIZED_PREFETCH ("nta" or "t0"), read once when the library loads (ops.cpp).
 extern const bool kQuantizedNonTemporal;
 inline void prefetch_quantized(const void* p) {

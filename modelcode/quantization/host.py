@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelcode.kernels import Installed, install_cpu_kernels
+from modelcode.kernels import Installed, install_cpu_kernels, install_gpu_kernels
 from modelcode.kernels.cpu import build_directory, cpuinfo
 from modelcode.kernels.linear import pack_bf16_linears
 from modelcode.quantization.linear import Int4Linear, Int8Linear, PackedInt4Linear, dequantized_weight
@@ -135,8 +135,11 @@ def unquantize_where_slower(model: nn.Module) -> int:
     return len(chosen)
 
 
-def prepare_cpu_decoding(model: nn.Module) -> Installed:
-    """What compiled decoding and the engine run on CPU: quantized layers slower here than bfloat16 dequantized
-    (`unquantize_where_slower`), then modelcode's kernels installed (`kernels.install_cpu_kernels`)."""
+def prepare_decoding(model: nn.Module) -> Installed:
+    """What compiled decoding (and the engine, on CPU) runs on: on CPU, quantized layers slower here than
+    bfloat16 dequantized (`unquantize_where_slower`), then modelcode's kernels installed
+    (`kernels.install_cpu_kernels`); on CUDA, `kernels.install_gpu_kernels`."""
+    if next(model.parameters()).device.type == "cuda":
+        return install_gpu_kernels(model)
     unquantize_where_slower(model)
     return install_cpu_kernels(model)

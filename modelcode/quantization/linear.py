@@ -79,6 +79,7 @@ class Int8Linear(nn.Module):
     """
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
+    outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
@@ -278,9 +279,9 @@ class PackedInt4Linear(nn.Module):
     CUDA without triton: `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (tinygemm; bfloat16, Ampere or
     newer). Scales and zeros travel together as one (in/group_size, out, 2) tensor, the layout both kernels take.
 
-    Speed on CPU (measured, 2048x5632): with bfloat16 and one row (decoding) ~4x faster than a dense
-    bfloat16 matmul; but the kernel is built for matrix-vector products (~10x slower than dense at 256
-    rows, i.e. prefill) and its float32/float16 paths are not vectorized. The packed layout cannot be
+    Speed on CPU: with bfloat16 and one row (decoding) several times faster than a dense bfloat16 matmul;
+    but the kernel is built for matrix-vector products (far slower than dense at 256 rows, i.e. prefill) and
+    its float32/float16 paths are not vectorized. The packed layout cannot be
     dequantized for a dense matmul, so those cases stay slow: load in bfloat16 for speed.
     """
 
@@ -289,8 +290,8 @@ class PackedInt4Linear(nn.Module):
     @property
     def outputs_stack(self) -> bool:
         """Whether its tensors stack along the outputs into one layer of this kind (kernels/fuse.py): in
-        modelcode's layout, not in PyTorch's."""
-        return self.kernel == "modelcode-cpu"
+        modelcode's layouts (CPU, and triton's portable one), not in PyTorch's."""
+        return self.kernel in ("modelcode-cpu", "triton")
 
     def __init__(self, layer: Int4Linear, kernel: str):
         super().__init__()

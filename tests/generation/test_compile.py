@@ -91,6 +91,38 @@ def test_several_steps_per_call_end_each_sequence_exactly_where_plain_decoding_d
     torch.testing.assert_close(sum(got_lp, []), sum(expected_lp, []), atol=1e-4, rtol=0)
 
 
+def decoded(model, prompts: list[list[int]], n: int, params: SamplingParams, ahead: bool, stop_ids=frozenset(),
+            stop_check=None, seed: int | None = None) -> tuple[list, list]:
+    cache = model.new_cache(len(prompts))
+    logits, _ = prefill(model, cache, prompts)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    tokens, lps = [[] for _ in prompts], [[] for _ in prompts]
+    for step in decode(model, cache, logits, [len(p) for p in prompts], [n] * len(prompts), params, stop_ids,
+                       generator, logprobs=True, stop_check=stop_check, ahead=ahead):
+        for b, t in enumerate(step.tokens):
+            if t is not None:
+                tokens[b].append(t)
+                lps[b].append(step.logprobs[b])
+    return tokens, lps
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_calls_launched_ahead_of_the_host_change_nothing(plain, steps_per_call):
+    # What a GPU does (`ahead`, its default there), run on CPU: each call is launched before the host reads
+    # the last one's tokens, so stops are seen a call late; the tokens, logprobs and stops must not change.
+    lm = modelcode.load("tinystories-656k").compile(max_seq_len=96, autotune=False, steps_per_call=steps_per_call,
+                                                    saved=False)
+    batch = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS]
+    free_run = decoded(plain.model, batch[:1], 12, SamplingParams(), ahead=False)[0][0]
+    stops = [frozenset(), frozenset({free_run[4]})]  # the second: sequence 0 stops mid-call, the others go on
+    checks = [None, lambda b, token: b == 2 and token == free_run[0]]
+    for params, seed in [(SamplingParams(), None), (SamplingParams(0.8, None, 0.9), 7)]:
+        for stop_ids, stop_check in zip(stops, checks):
+            runs = [decoded(lm.runner, batch, 20, params, ahead, stop_ids, stop_check, seed) for ahead in (False, True)]
+            assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert runs[1][0] == decoded(plain.model, batch, 20, params, False, stop_ids, stop_check, seed)[0]
+
+
 def test_small_models_decode_several_steps_per_call(plain):
     from modelcode.generation.compile import default_steps_per_call
 

@@ -7,7 +7,7 @@ from kernel_marks import KERNELS
 
 import modelcode
 from modelcode.api import EMBEDDED
-from modelcode.kernels import pack_bf16_linears
+from modelcode.kernels import Installed, install_gpu_kernels, pack_bf16_linears
 from modelcode.kernels.fuse import FusedSameInput, fuse_projections
 from modelcode.layers import SameInput
 from modelcode.quantization import quantize, save_quantized
@@ -64,6 +64,24 @@ def test_layers_without_a_fusable_kernel_are_left_alone():
     model = modelcode.load("tinystories-656k").model  # float32 nn.Linear layers: PyTorch's matmul
     assert fuse_projections(model) == 0
     assert type(model.layers[0].attention.qkv) is SameInput
+
+
+def test_plain_linear_layers_fuse_where_asked():
+    # What `install_gpu_kernels` does on CUDA (where one GEMV beats three), here on CPU.
+    lm = modelcode.load("tinystories-656k")  # float32 nn.Linear layers
+    model = lm.model
+    tokens = torch.tensor([lm.tokenizer.encode("Once upon a time, there was a fox.", bos=True)])
+    with torch.no_grad():
+        before, state = model(tokens), {k: v.clone() for k, v in model.state_dict().items()}
+        assert install_gpu_kernels(model) == Installed()  # not on CUDA: nothing
+        assert fuse_projections(model, linear=True) == 4
+        attention = model.layers[0].attention
+        assert isinstance(attention.qkv, FusedSameInput) and type(attention.qkv.fused) is torch.nn.Linear
+        storage = attention.qkv.fused.weight.untyped_storage().data_ptr()
+        assert attention.wk.weight.untyped_storage().data_ptr() == storage  # a slice of it, not a copy
+        after = model.state_dict()
+        assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+        torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=0)  # up to the order of additions
 
 
 @KERNELS

@@ -155,8 +155,6 @@ def test_greedy_generation_equals_transformers(variant, tmp_path):
         hf.gpt_neox.embed_in.weight.normal_(0, 1.0)
     hf.save_pretrained(tmp_path)
     lm = modelcode.load(tmp_path)
-    if not hasattr(lm, "generate"):
-        pytest.skip(f"{type(lm).__name__} has no generate() yet (the generation work has not landed)")
     prompts = [p[:n] for p, n in zip(random_prompts(hf.config.vocab_size, batch=3, length=9, seed=3).tolist(),
                                      [3, 9, 6], strict=True)]
     new = 20
@@ -179,8 +177,6 @@ def test_pythia_shaped_folder_with_the_real_tokenizer(tmp_path):
     hf.save_pretrained(tmp_path)
     shutil.copy(Path(__file__).parents[1] / "assets" / "tokenizers" / "gpt-neox" / "tokenizer.json", tmp_path)
     lm = modelcode.load(tmp_path)
-    if not hasattr(lm, "text_completion"):
-        pytest.skip(f"{type(lm).__name__} has no text_completion() yet (the generation work has not landed)")
     ids = lm.tokenizer.encode("Hello world")
     assert ids == [12092, 1533]  # tokenizer README's check
     with torch.no_grad():

@@ -28,8 +28,11 @@ FORBIDDEN = {
 NUMBERED_RUN = re.compile(r"\b(sessions?|runs?|rounds?|attempts?) #?\d+\b", re.IGNORECASE)
 DATE = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b")
 # Narrating the past or promising the future, rather than saying what is.
-NARRATIVE = re.compile(r"\b(in an earlier (session|run)|we tried|of then\b|not (done|built) yet|will be added|"
-                       r"coming soon|\bTODO\b)", re.IGNORECASE)
+# "yet" only a few words after a negation, whitespace apart ("has no generate() yet"; "not-yet-cached" passes);
+# "seen:" only before a figure ("(seen: 45 GB/s)"; "not in seen:" passes).
+NARRATIVE = re.compile(r"\b(in an earlier (session|run)|we tried|of then\b|will be added|coming soon|\bTODO\b|"
+                       r"in (two|three|\d+) other runs|not landed|in progress|(seen|measured earlier):\s*~?\d|"
+                       r"(no|not|isn't)(\s+\S+){0,3}?\s+yet\b)", re.IGNORECASE)
 THIRD_PARTY = ("tests/assets/", "modelcode/assets/")  # others' files, kept as they were published
 
 
@@ -99,6 +102,12 @@ def test_no_file_logs_or_cites_past_runs():
     "## Earlier machine (2026-11-22)",
     "where the dense matmul had taken 98 in an earlier session.",
     "int8 (the row-major kernel of then) 1.09x faster",
+    "int4/q4_0 was 1.27× and 1.29× in two other runs.",
+    "has no generate() yet (the generation work has not landed)",
+    "is not in the registry yet (its model file is still in progress)",
+    "isn't built yet",
+    "can change by half (seen: 45 to 76 GB/s on a 2-core VM)",
+    "1.3x (measured earlier: 1.1x)",
 ])
 def test_the_history_check_catches_run_logs(line):
     assert history_in("modelcode/kernels/cpu.cpp", line)
@@ -108,6 +117,9 @@ def test_the_history_check_catches_run_logs(line):
     "| Zen 5 VM | 2-core AMD EPYC | measured 2026-12-01 and 2026-12-02 |",
     "each round running every configuration once; a ratio is the median of the rounds' own ratios",
     "k = 8 steps per call (and check for stops after each call)",
+    "Run the not-yet-cached part of each prompt through the model, filling the cache.",
+    "if t is not None and id(t) not in seen:",
+    "no token is emitted before the prompt is read, and yet the cache holds it",
 ])
 def test_the_history_check_lets_descriptions_pass(line):
     assert not history_in("BENCHMARKS.md", line)
