@@ -104,6 +104,24 @@ def run_ours(runner, prompts: list[list[int]], new_tokens: int) -> Run:
     return Run(len(prompts), len(prompts[0]), new_tokens, first - start, end - first, [list(t) for t in zip(*tokens)])
 
 
+def gpu_seconds(fn) -> float:
+    """Seconds the GPU spent running kernels and copies while `fn` ran (torch.profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def gpu_ms_per_step(gpu_seconds_of_run, new_tokens: int) -> float:
+    """GPU time per decode step: `gpu_seconds_of_run(n)` for a run of `new_tokens` new tokens, less that of a
+    run of half as many, over the steps between (the prefill and first token, alike in both, cancel out).
+    Beside the wall time per step, what the GPU waited for the host shows as the difference."""
+    short = max(1, new_tokens // 2)
+    return 1e3 * (gpu_seconds_of_run(new_tokens) - gpu_seconds_of_run(short)) / (new_tokens - short)
+
+
 class FirstTokenClock:
     """A transformers streamer that only notes when the first new token arrives: `generate` hands it the
     prompt, then each new token as soon as it is sampled."""

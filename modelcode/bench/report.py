@@ -19,6 +19,8 @@ def table(result: dict) -> str:
             f"{result['roofline_gbps']:.1f} GB/s on {result['machine']['torch_threads']} threads (median of readings "
             f"before each run: {result['roofline_range_gbps'][0]:.1f}-{result['roofline_range_gbps'][1]:.1f})")
     cols = ["batch", "impl", "prefill tok/s", "decode tok/s", "TTFT ms", "GB/s", "% roofline", "peak GB", "decode x"]
+    gpu = any("gpu_ms_per_step" in r["ours"] for r in result["results"])  # on a GPU: its time beside the wall's
+    cols += ["step ms", "GPU ms"] if gpu else []
     lines = []
     for r in result["results"]:
         for impl in ("ours", "transformers"):
@@ -29,6 +31,8 @@ def table(result: dict) -> str:
                           _fmt(x["ttft_ms"], ".1f"), _fmt(x["gbps"], ".1f"), _fmt(x["roofline_pct"], ".0f"),
                           _fmt(x["peak_memory_gb"], ".2f"),
                           _fmt(r.get("decode_speedup"), ".2f") if impl == "ours" else ""])
+            if gpu:
+                lines[-1] += [_fmt(1e3 * r["batch"] / x["decode_tok_s"], ".2f"), _fmt(x.get("gpu_ms_per_step"), ".2f")]
     widths = [max(len(c), *(len(row[i]) for row in lines)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     out = [head, fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines]

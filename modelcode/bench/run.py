@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from modelcode.api import EMBEDDED, resolve_path
 from modelcode.bench.measure import (
     Roofline,
+    gpu_ms_per_step,
+    gpu_seconds,
     median_run,
     peak_memory,
     reset_peak_memory,
@@ -183,6 +186,10 @@ def speculation(model: torch.nn.Module, s: Settings, config, log) -> dict:
                              s.warmup, log)
 
 
+def gpu_seconds_of_run(runner, prompts: list[list[int]], new_tokens: int) -> float:
+    return gpu_seconds(lambda: run_ours(runner, prompts, new_tokens))
+
+
 def prompts_for(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed + batch)
     return torch.randint(0, vocab_size, (batch, length), generator=g).tolist()
@@ -255,6 +262,9 @@ def bench(s: Settings, log=print) -> dict:
         tokens = {impl: summarize(row[impl], timed[batch, impl], weights + kv_bytes(config, batch, attended,
                                   element_size), batch) for impl, (weights, attended) in per_step.items()}
         row["ours"]["weight_bytes_per_token"] = w_bytes / batch
+        if device.type == "cuda":
+            prompts = prompts_for(batch, s.prompt_len, config.vocab_size, s.seed)
+            row["ours"]["gpu_ms_per_step"] = gpu_ms_per_step(partial(gpu_seconds_of_run, runner, prompts), s.new_tokens)
         if "transformers" in row:
             row["decode_speedup"] = row["ours"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
             row["prefill_speedup"] = row["ours"]["prefill_tok_s"] / row["transformers"]["prefill_tok_s"]

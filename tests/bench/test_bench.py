@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from modelcode.bench.measure import gpu_ms_per_step
 from modelcode.bench.report import table
 from modelcode.bench.run import Settings, bench
 from modelcode.bench.subjects import hf_twin, random_weights, weight_bytes
@@ -93,6 +94,34 @@ def test_bench_cli_writes_sane_json_table_and_plot(tmp_path, capsys):
     assert "decode tok/s" in table and table.count("transformers") >= 2
     with Image.open(out.with_suffix(".png")) as png:
         assert png.format == "PNG" and png.size[0] > 400
+
+
+def test_gpu_time_per_step_is_two_runs_difference_over_the_steps_between():
+    def gpu_seconds_of_run(n):  # 5 ms of prefill and first token, then 2 ms per decode step
+        return 0.005 + 0.002 * (n - 1)
+
+    assert gpu_ms_per_step(gpu_seconds_of_run, 32) == pytest.approx(2.0)
+    assert gpu_ms_per_step(gpu_seconds_of_run, 3) == pytest.approx(2.0)
+
+
+def test_the_table_shows_gpu_time_beside_the_wall_time_where_measured():
+    result = bench(Settings(batch_sizes=(1, 2), prompt_len=4, new_tokens=3, repeats=1, warmup=1, hf=False),
+                   log=lambda _: None)
+    assert "GPU ms" not in table(result) and "gpu_ms_per_step" not in result["results"][0]["ours"]  # on CPU
+    for r, gpu_ms in zip(result["results"], (1.25, 2.5)):
+        r["ours"]["gpu_ms_per_step"] = gpu_ms
+    lines = table(result).splitlines()
+    assert lines[1].split()[-4:] == ["step", "ms", "GPU", "ms"]
+    step_ms = 1e3 / result["results"][0]["ours"]["decode_tok_s"]
+    assert lines[3].split()[-2:] == [f"{step_ms:.2f}", "1.25"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_a_gpu_measures_its_time_per_step():
+    result = bench(Settings(batch_sizes=(1,), prompt_len=8, new_tokens=16, repeats=1, hf=False, compile=True,
+                            device="cuda"), log=lambda _: None)
+    ours = result["results"][0]["ours"]
+    assert 0 < ours["gpu_ms_per_step"] <= 1.05e3 / ours["decode_tok_s"]  # the GPU busy at most the step's time
 
 
 def test_bench_compiled_and_quantized_runs_without_transformers():
