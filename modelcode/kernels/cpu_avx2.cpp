@@ -245,25 +245,25 @@ Digits int4_digits(const torch::Tensor& x) { return to_digits(x, 8, _mm256_setr_
 Digits int8_digits(const torch::Tensor& x) { return to_digits(x, 7, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 
 // int4: one row's digits against the 64 outputs whose weights start at w and scales and zeros at sz: y (64,).
-// Per 32 inputs and 8 outputs, the two digits' 16-bit sums are widened and joined exactly in 32 bits,
-//   sum_k v_k (q_nk - 8) = sum_j 2^(8j) sum_k d_jk q_nk - 8 sum_k v_k        (|.| <= 2^22),
-// then times the 32's 2^-e; per group, times the scale, plus the zero times the group's sum of x, as cpu.cpp's
-// add_group.
+// Per 32 inputs and 8 outputs, the two digits' 16-bit sums are widened and joined exactly in 32 bits (`vpmaddwd`
+// by 1 and by 2^8), sum_k v_k q_nk = sum_j 2^(8j) sum_k d_jk q_nk (< 2^23), then times the 32's 2^-e; the codes'
+// offset, 8 sum_k x_k, is the same for all outputs, so it is taken off once per group. Per group, times the
+// scale, plus the zero times the group's sum of x, as cpu.cpp's add_group.
 void dot_64_int4(const Digits::Row& a, const uint8_t* w, const at::BFloat16* sz, at::BFloat16* y, int64_t K,
                  int64_t gs) {
   constexpr int D = 2;
-  alignas(32) float acc[64] = {}, centered[64];
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[64] = {}, sums[64];
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16(256);
   for (int64_t g = 0; g < K / gs; ++g) {
-    std::memset(centered, 0, sizeof(centered));
-    float xsum = 0;
+    std::memset(sums, 0, sizeof(sums));
+    float xsum = 0, offset = 0;
     for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += 32) {
       xsum += a.xsum32[k0 / 32];
+      offset += 8.0f * a.sums32[k0 / 32] * a.units32[k0 / 32];
       __m256i d[D][4][2];  // [digit][run][low, high nibbles]: the span's 4 runs of 8 inputs, 4 bytes broadcast
       for (int j = 0; j < D; ++j)
         for (int c = 0; c < 4; ++c)
           for (int n = 0; n < 2; ++n) d[j][c][n] = _mm256_set1_epi32(load_i32(a.digits + j * K + k0 + 8 * c + 4 * n));
-      const __m256i eight_v = _mm256_set1_epi32(8 * a.sums32[k0 / 32]);
       const __m256 unit = _mm256_set1_ps(a.units32[k0 / 32]);
       const uint8_t* ws = w + k0 / 8 * 64 * kBlocks;
       for (int b = 0; b < kBlocks; ++b)
@@ -281,16 +281,16 @@ void dot_64_int4(const Digits::Row& a, const uint8_t* w, const at::BFloat16* sz,
                                                                    _mm256_maddubs_epi16(hi, d[j][c][1])));
             }
           }
-          __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(part[0], ones), eight_v);
-          t = _mm256_add_epi32(t, _mm256_slli_epi32(_mm256_madd_epi16(part[1], ones), 8));
-          float* cn = centered + 16 * b + 8 * h;
-          _mm256_store_ps(cn, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), unit, _mm256_load_ps(cn)));
+          const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(part[0], ones), _mm256_madd_epi16(part[1], radix));
+          float* sn = sums + 16 * b + 8 * h;
+          _mm256_store_ps(sn, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), unit, _mm256_load_ps(sn)));
         }
     }
     const at::BFloat16* scales = sz + 128 * g;
-    const __m256 xs = _mm256_set1_ps(xsum);
+    const __m256 xs = _mm256_set1_ps(xsum), offsets = _mm256_set1_ps(offset);
     for (int n = 0; n < 64; n += 8) {
-      const __m256 a = _mm256_fmadd_ps(load_bf16x8(scales + n), _mm256_load_ps(centered + n), _mm256_load_ps(acc + n));
+      const __m256 centered = _mm256_sub_ps(_mm256_load_ps(sums + n), offsets);
+      const __m256 a = _mm256_fmadd_ps(load_bf16x8(scales + n), centered, _mm256_load_ps(acc + n));
       _mm256_store_ps(acc + n, _mm256_fmadd_ps(load_bf16x8(scales + 64 + n), xs, a));
     }
   }
