@@ -45,19 +45,19 @@ class EngineStats:
 class Engine:
     def __init__(self, lm, max_batch_size: int = 64, max_batched_tokens: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, max_seq_len: int | None = None,
-                 cpu_kernels: bool = True):
+                 kernels: bool = True):
         """lm: what `modelcode.load` returns. The KV pool holds `num_blocks` blocks of `block_size`
         positions (default: from `kv_cache_bytes`, else enough for max_batch_size full contexts, at most a
         quarter of the device's memory). `max_batched_tokens`: prompt tokens computed per step, besides
-        one token for each running request. `cpu_kernels`: for a bfloat16 model on CPU, install modelcode's
-        kernels on it first (`quantization.host.prepare_decoding`, in place, as `LM.compile` does)."""
+        one token for each running request. `kernels`: install modelcode's kernels on the model first, in place, as
+        `LM.compile` does (`quantization.host.prepare_decoding`): on CPU for a bfloat16 model, on CUDA always."""
         if max_batch_size < 1 or max_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_batched_tokens and block_size must be at least 1")
         self.lm, self.model, config = lm, lm.model, lm.model.config
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         embedding = next(m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)).weight
         self.device = embedding.device
-        if cpu_kernels and self.device.type == "cpu" and embedding.dtype == torch.bfloat16:
+        if kernels and (self.device.type == "cuda" or self.device.type == "cpu" and embedding.dtype == torch.bfloat16):
             prepare_decoding(self.model)
         block_bytes = 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * embedding.element_size()
         if num_blocks is None:
