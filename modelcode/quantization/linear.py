@@ -79,7 +79,12 @@ class Int8Linear(nn.Module):
     """
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
-    outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
+
+    @property
+    def outputs_stack(self) -> bool:
+        """Whether it fuses with layers that read the same input (kernels/fuse.py): on CUDA, where triton's kernel
+        reads this layout; on CPU its packed form (`pack`) is the one that fuses."""
+        return self.weight.is_cuda
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
