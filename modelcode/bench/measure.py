@@ -106,12 +106,14 @@ def run_ours(runner, prompts: list[list[int]], new_tokens: int) -> Run:
 
 def gpu_seconds(fn) -> float:
     """Seconds the GPU spent running kernels and copies while `fn` ran (torch.profiler's CUDA activity)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    # The GPU's own events only: a host-side launch event also carries the time of the kernel it launched.
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
 
 
 def gpu_ms_per_step(gpu_seconds_of_run, new_tokens: int) -> float:

@@ -131,9 +131,9 @@ def decode(model: nn.Module, cache: KVCache, logits: torch.Tensor, lengths: list
     done = [b <= 0 for b in budgets]
     while not all(done):
         arriving = to_host(chunk, chunk_lp)
-        width = chunk.shape[1]
-        more = any(not d and n + width < b for d, n, b in zip(done, produced, budgets))  # within the budgets
-        launched = advance(cache, chunk, positions, last, params, generator, logprobs) if ahead and more else None
+        launched = None
+        if ahead and any(not d and n + chunk.shape[1] < b for d, n, b in zip(done, produced, budgets)):
+            launched = advance(cache, chunk, positions, last, params, generator, logprobs)  # within the budgets
         columns, lps = arriving()  # the one host sync per call
         for i, column in enumerate(columns):
             step = Step([None] * len(done), [None] * len(done) if logprobs else None)

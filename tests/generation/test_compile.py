@@ -113,14 +113,19 @@ def test_calls_launched_ahead_of_the_host_change_nothing(plain, steps_per_call):
     lm = modelcode.load("tinystories-656k").compile(max_seq_len=96, autotune=False, steps_per_call=steps_per_call,
                                                     saved=False)
     batch = [plain.tokenizer.encode(p, bos=True) for p in PROMPTS]
-    free_run = decoded(plain.model, batch[:1], 12, SamplingParams(), ahead=False)[0][0]
-    stops = [frozenset(), frozenset({free_run[4]})]  # the second: sequence 0 stops mid-call, the others go on
-    checks = [None, lambda b, token: b == 2 and token == free_run[0]]
+    free_runs = decoded(plain.model, batch, 20, SamplingParams(), ahead=False)[0]
+    stop_ids = frozenset({free_runs[0][4]})  # sequence 0 stops mid-call, the others go on
+
+    def stop_check(b, token):  # sequence 2 ends after its third token
+        return b == 2 and token == free_runs[2][2]
+
     for params, seed in [(SamplingParams(), None), (SamplingParams(0.8, None, 0.9), 7)]:
-        for stop_ids, stop_check in zip(stops, checks):
-            runs = [decoded(lm.runner, batch, 20, params, ahead, stop_ids, stop_check, seed) for ahead in (False, True)]
+        for stops in [(frozenset(), None), (stop_ids, stop_check)]:
+            runs = [decoded(lm.runner, batch, 20, params, ahead, *stops, seed) for ahead in (False, True)]
             assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
-    assert runs[1][0] == decoded(plain.model, batch, 20, params, False, stop_ids, stop_check, seed)[0]
+            assert runs[1][0] == decoded(plain.model, batch, 20, params, False, *stops, seed)[0]
+    greedy_stopped = decoded(lm.runner, batch, 20, SamplingParams(), True, stop_ids, stop_check)[0]
+    assert len(greedy_stopped[0]) < 5 and len(greedy_stopped[2]) == 3 and len(greedy_stopped[1]) == 20
 
 
 def test_small_models_decode_several_steps_per_call(plain):
