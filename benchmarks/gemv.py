@@ -11,6 +11,7 @@ MODELCODE_NO_CPU_KERNELS=1 for PyTorch's int4 too), eager and compiled.
 Bandwidth counts the weight bytes (codes, scales and zeros) read per call.
 
     python benchmarks/gemv.py [--preset llama-1b] [--kernels bf16 bf16-modelcode int8 int8-pytorch int4] [--compile]
+        [--huge-pages]
         [--out benchmarks/results/gemv-llama-1b.json]
 """
 
@@ -26,6 +27,7 @@ from torch import nn
 from modelcode.bench.measure import read_bandwidth
 from modelcode.bench.run import machine
 from modelcode.kernels.cpu import why_unavailable
+from modelcode.kernels.pages import move_to_huge_pages
 from modelcode.loading import build
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-1b")
     parser.add_argument("--kernels", nargs="+", default=["bf16", "bf16-modelcode", "int8", "int8-pytorch", "int4"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--huge-pages", action="store_true", help="the weights on 2 MB pages, as compiled decoding "
+                        "puts them (`kernels.pages`)")
     parser.add_argument("--gb", type=float, default=0.6, help="bf16 bytes per stack, at most 64 layers")
     parser.add_argument("--out", type=Path, help="the JSON file of the rows (default: "
                         "benchmarks/results/gemv-PRESET.json)")
@@ -103,6 +107,8 @@ def main() -> None:
         for shape in linear_shapes(args.preset):
             n = max(1, min(64, int(args.gb * 1e9 / (shape[0] * shape[1] * 2))))
             model = stack(shape, n, kernel)
+            if args.huge_pages:
+                move_to_huge_pages(model)
             x = torch.randn(1, shape[1], dtype=torch.bfloat16)
             nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             eager = seconds(model, x)

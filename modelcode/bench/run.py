@@ -98,6 +98,8 @@ def machine(device: torch.device) -> dict:
     family = "/".join(filter(None, (cpuinfo("cpu family"), cpuinfo("model"))))
     info = dict(cpu=cpu, cpu_family_model=family, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags,
                 cpu_kernels=getattr(loaded_build(), "label", None),
+                cpu_kernel_prefetch={kernel: os.environ.get(f"MODELCODE_{kernel.upper()}_PREFETCH")  # as loaded
+                                     for kernel in ("bf16", "int8", "int4")} if loaded_build() else None,
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":

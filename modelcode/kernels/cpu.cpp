@@ -123,7 +123,7 @@ void dot_64_int8(const int8_t* digits, int64_t digit_sum, double unit, const uin
   for (int64_t c = 0; c < K / 4; ++c) {  // inputs 4c .. 4c+3: 4 lines
     const uint8_t* wc = w + c * 64 * kBlocks;
     for (int line = 0; line < kBlocks; ++line) {
-      prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
+      prefetch_quantized(kInt8Prefetch, wc + 64 * line);
     }
     const int8_t* d = digits + 3 * (c / 16 * 64) + c % 16 * 4;  // see int8_digits for the layout
     __m512i digit[3];
@@ -223,7 +223,7 @@ void dot_64(const at::BFloat16* x, const float* xsum, const uint8_t* w, const at
       for (int h = 0; h < 4; ++h) xh[h] = (__m512bh)_mm512_set1_epi32(pairs[4 * c + h]);  // inputs 8c+2h, +1
       const uint8_t* wc = w + c * 64 * kBlocks;
       for (int line = 0; line < kBlocks; ++line) {
-        prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
+        prefetch_quantized(kInt4Prefetch, wc + 64 * line);
       }
       for (int b = 0; b < kBlocks; ++b) {
         __m512bh p[4];
@@ -257,7 +257,7 @@ void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const u
     for (int64_t c = g * gs / 8; c < (g + 1) * gs / 8; ++c) {  // runs of 8 inputs: 64 bytes per block
       const uint8_t* wc = w + c * 64 * kBlocks + 128 * half;
       for (int line = 0; line < 2; ++line) {
-        prefetch_quantized(wc + kQuantizedPrefetchBytes + 64 * line);
+        prefetch_quantized(kInt4Prefetch, wc + 64 * line);
       }
       for (int b = 0; b < 2; ++b) {
         __m512bh p[4];

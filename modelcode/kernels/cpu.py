@@ -81,14 +81,24 @@ def chosen_build() -> Build:
     return BUILDS[instruction_set() or "avx512"]
 
 
-def quantized_prefetch() -> str:
-    """How the int8 and int4 kernels ask for weights ahead (see cpu.cpp), as MODELCODE_QUANTIZED_PREFETCH says,
-    else by the CPU's vendor: non-temporally ("nta") on AMD's cores, into every cache level ("t0") elsewhere (on
-    Intel's server cores non-temporal lines stream at half speed)."""
-    chosen = os.environ.get("MODELCODE_QUANTIZED_PREFETCH") or ("nta" if cpuinfo("vendor_id") == "AuthenticAMD"
-                                                                 else "t0")
-    if chosen not in ("nta", "t0"):
-        raise ValueError(f"MODELCODE_QUANTIZED_PREFETCH={chosen!r}: give nta or t0 (or unset it to choose by the CPU)")
+QUANTIZED_PREFETCH = {  # vendor -> kernel -> how its weights are asked for ahead, "hint:bytes" (see ops.h)
+    "AuthenticAMD": {"int8": "nta:8192", "int4": "nta:8192"},
+    "": {"int8": "t1:4096", "int4": "t0:2048"},  # Intel's, and every other vendor's cores
+}
+
+
+def quantized_prefetch(kernel: str) -> str:
+    """How the int8 or int4 kernel asks for weights ahead (see ops.h), "hint:bytes", as MODELCODE_INT8_PREFETCH or
+    MODELCODE_INT4_PREFETCH says, else by the CPU's vendor: non-temporally 8 KB ahead on AMD's cores; on Intel's
+    server cores, where non-temporal lines stream at half speed, int4 2 KB ahead into L1 ("t0:2048"), int8 4 KB
+    ahead into L2 ("t1:4096")."""
+    variable = f"MODELCODE_{kernel.upper()}_PREFETCH"
+    vendor = cpuinfo("vendor_id")
+    chosen = os.environ.get(variable) or QUANTIZED_PREFETCH.get(vendor, QUANTIZED_PREFETCH[""])[kernel]
+    hint, _, ahead = chosen.partition(":")
+    if hint not in ("nta", "t0", "t1") or not ahead.isdigit() or int(ahead) % 64 or int(ahead) > 65536:
+        raise ValueError(f"{variable}={chosen!r}: give nta, t0 or t1 and the bytes ahead, a multiple of 64 up to "
+                         "65536 (\"t0:2048\"), or unset it to choose by the CPU")
     return chosen
 
 
@@ -136,7 +146,8 @@ def kernels_available() -> bool:
     from torch.utils.cpp_extension import load
 
     # The library reads it once as it loads, so the choice is made here, for this process and what it starts.
-    os.environ["MODELCODE_QUANTIZED_PREFETCH"] = quantized_prefetch()
+    for kernel in ("int8", "int4"):
+        os.environ[f"MODELCODE_{kernel.upper()}_PREFETCH"] = quantized_prefetch(kernel)
     os.environ["MODELCODE_BF16_PREFETCH"] = bf16_prefetch()
     build, folder = chosen_build(), build_directory()
     failed = folder / "build-failed.log"

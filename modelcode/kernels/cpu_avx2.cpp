@@ -210,9 +210,9 @@ void dot_64_int8(const Digits::Row& a, const uint8_t* w, int64_t K, const at::BF
       for (int c = 0; c < 8; ++c) {  // inputs k0 + 4c .. +3: 4 lines
         const __m256i digit = _mm256_set1_epi32(load_i32(a.digits + j * K + k0 + 4 * c));
         const uint8_t* wc = ws + c * 64 * kBlocks;
-        const uint8_t* ahead = ws + kQuantizedPrefetchBytes + 128 * (8 * j + c);  // the 32 lines of a span, 2 a run
-        prefetch_quantized(ahead);
-        prefetch_quantized(ahead + 64);
+        const uint8_t* ahead = ws + 128 * (8 * j + c);  // the span's 32 lines, 2 a run, asked ahead
+        prefetch_quantized(kInt8Prefetch, ahead);
+        prefetch_quantized(kInt8Prefetch, ahead + 64);
         for (int b = 0; b < kBlocks; ++b)
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 64 * b + 32 * h));
@@ -269,7 +269,7 @@ void dot_64_int4(const Digits::Row& a, const uint8_t* w, const at::BFloat16* sz,
       for (int b = 0; b < kBlocks; ++b)
         for (int h = 0; h < 2; ++h) {
           for (int line = 0; line < 2; ++line) {
-            prefetch_quantized(ws + kQuantizedPrefetchBytes + 64 * (4 * b + 2 * h + line));
+            prefetch_quantized(kInt4Prefetch, ws + 64 * (4 * b + 2 * h + line));
           }
           __m256i part[D] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
           for (int c = 0; c < 4; ++c) {

@@ -8,10 +8,19 @@
 #include <cstdlib>
 #include <string>
 
-const bool kQuantizedNonTemporal = [] {
-  const char* v = std::getenv("MODELCODE_QUANTIZED_PREFETCH");
-  return !(v && std::string(v) == "t0");
-}();
+namespace {
+// "hint:bytes" from the environment (cpu.py has checked it), else non-temporal 8 KB ahead
+Prefetch prefetch_from(const char* variable) {
+  const char* v = std::getenv(variable);
+  const std::string s = v ? v : "nta:8192";
+  const std::string hint = s.substr(0, s.find(':'));
+  const int64_t bytes = s.find(':') == std::string::npos ? 8192 : std::atoll(s.c_str() + s.find(':') + 1);
+  return {hint == "t0" ? _MM_HINT_T0 : hint == "t1" ? _MM_HINT_T1 : _MM_HINT_NTA, bytes};
+}
+}  // namespace
+
+const Prefetch kInt8Prefetch = prefetch_from("MODELCODE_INT8_PREFETCH");
+const Prefetch kInt4Prefetch = prefetch_from("MODELCODE_INT4_PREFETCH");
 
 void check_bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_mm: x must be (M, K) bfloat16");

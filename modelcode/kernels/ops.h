@@ -66,18 +66,26 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
 bool amx_ready();
 
 // The hardware prefetcher alone leaves the loads waiting on memory (but see cpu.cpp's kBf16Prefetch); asking ahead
-// keeps them in flight. The int8 and int4 kernels spend longer on each line, so they ask further ahead (int8 on one
-// thread: +20-30%).
-constexpr int64_t kQuantizedPrefetchBytes = 8192;
-// ... as non-temporal data on AMD's cores: weights read once per step, kept out of the outer caches, no longer evict
-// what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster per step).
-// On Intel's server cores a non-temporal line skips L2 and the stream runs at about half speed, so there they are
-// asked for into every level. cpu.py chooses by the CPU's vendor, through
-// MODELCODE_QUANTIZED_PREFETCH ("nta" or "t0"), read once when the library loads (ops.cpp).
-extern const bool kQuantizedNonTemporal;
-inline void prefetch_quantized(const void* p) {
-  if (kQuantizedNonTemporal) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_NTA);
-  else _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+// keeps them in flight. How, and how far ahead, suits each family of cores differently (see BENCHMARKS.md):
+// - AMD's Zen: 8 KB ahead, as non-temporal data: weights read once per step, kept out of the outer caches, no longer
+//   evict what the rest of the decoding step runs on (Zen 5, compiled llama-1b int8 and int4: ~1.05-1.1x faster
+//   per step than into every level).
+// - Intel's server cores: there a non-temporal line skips L2 and the stream runs at about half speed, and a core
+//   has few lines to L1 in flight, so the int4 kernel asks 2 KB ahead into L1 and the int8 kernel, which spends
+//   less time on each line, 4 KB ahead into L2 (compiled llama-1b on an Intel Xeon: int4 1.2x and int8 1.23x the
+//   speed of both 8 KB into L1).
+// cpu.py chooses by the CPU, through MODELCODE_INT8_PREFETCH and MODELCODE_INT4_PREFETCH ("nta:8192",
+// "t0:2048", ...: the hint and the bytes ahead), read once when the library loads (ops.cpp).
+struct Prefetch {
+  int hint;       // _MM_HINT_NTA, _MM_HINT_T0 or _MM_HINT_T1
+  int64_t bytes;  // how far ahead of the line being read
+};
+extern const Prefetch kInt8Prefetch, kInt4Prefetch;
+inline void prefetch_quantized(const Prefetch& how, const uint8_t* line) {
+  const char* p = reinterpret_cast<const char*>(line + how.bytes);
+  if (how.hint == _MM_HINT_NTA) _mm_prefetch(p, _MM_HINT_NTA);
+  else if (how.hint == _MM_HINT_T0) _mm_prefetch(p, _MM_HINT_T0);
+  else _mm_prefetch(p, _MM_HINT_T1);
 }
 
 // The operations' argument checks, shared by both builds.

@@ -76,6 +76,9 @@ def test_bench_cli_writes_sane_json_table_and_plot(tmp_path, capsys):
     assert result["model"]["name"] == "tinystories-656k" and result["model"]["parameters"] == 656_000
     assert result["model"]["weight_bytes_per_step"] > 2_600_000  # float32 weights, the tied embedding once
     assert result["roofline_gbps"] > 0 and result["machine"]["torch_threads"] >= 1
+    if result["machine"]["cpu_kernels"]:  # how each kernel asks for its weights ahead, as the library loaded it
+        assert set(result["machine"]["cpu_kernel_prefetch"]) == {"bf16", "int8", "int4"}
+        assert all(result["machine"]["cpu_kernel_prefetch"].values())
     assert [r["batch"] for r in result["results"]] == [1, 2]
     for r in result["results"]:
         for impl in ("ours", "transformers"):

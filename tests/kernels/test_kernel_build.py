@@ -1,6 +1,7 @@
 """The first run's kernel build: keyed by its sources (two installs never rebuild each other's), said while
 it happens, and a failure said in one line, once."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -107,11 +108,40 @@ def assert_chosen(choose, variable: str, expected: str, own: str, invalid: str, 
         choose()
 
 
-@pytest.mark.parametrize("vendor, hint", [("AuthenticAMD", "nta"), ("GenuineIntel", "t0"), ("", "t0")])
-def test_quantized_weights_are_prefetched_as_suits_the_vendor(vendor, hint, monkeypatch):
+@pytest.mark.parametrize("vendor, int8, int4", [("AuthenticAMD", "nta:8192", "nta:8192"),
+                                                ("GenuineIntel", "t1:4096", "t0:2048"), ("", "t1:4096", "t0:2048")])
+def test_quantized_weights_are_prefetched_as_suits_the_vendor(vendor, int8, int4, monkeypatch):
     # AMD's Zen: non-temporal keeps the rest of the step cached; Intel's server cores stream NTA lines at half speed
+    # and keep few lines in flight to L1
     monkeypatch.setattr(cpu, "cpuinfo", lambda field: {"vendor_id": vendor}.get(field, ""))
-    assert_chosen(cpu.quantized_prefetch, "MODELCODE_QUANTIZED_PREFETCH", hint, "nta", "t1", "nta or t0", monkeypatch)
+    for kernel, expected in (("int8", int8), ("int4", int4)):
+        variable = f"MODELCODE_{kernel.upper()}_PREFETCH"
+        allowed = r"nta, t0 or t1 and the bytes ahead, a multiple of 64 up to 65536"
+        choose = functools.partial(cpu.quantized_prefetch, kernel)
+        assert_chosen(choose, variable, expected, "t1:1024", "t2:1024", allowed, monkeypatch)
+        for invalid in ("t0", "t0:100", "t0:131072", "nta:-64"):
+            monkeypatch.setenv(variable, invalid)
+            with pytest.raises(ValueError, match=variable):
+                cpu.quantized_prefetch(kernel)
+
+
+def test_every_prefetch_setting_gives_the_same_outputs():
+    # the library reads the settings as it loads, so each runs in its own process
+    if not cpu.kernels_available():
+        pytest.skip(f"the kernels are not used here: {cpu.why_unavailable()}")
+    probe = ("import torch; from modelcode.kernels import cpu; cpu.kernels_available(); torch.manual_seed(0); "
+             "w, sz = cpu.pack_int4(torch.randint(0, 16, (64, 256)), torch.rand(64, 8).bfloat16(), "
+             "torch.rand(64, 8).bfloat16()); x = torch.randn(3, 256).bfloat16(); "
+             "q = cpu.pack_int8(torch.randint(-127, 128, (64, 256), dtype=torch.int8)); "
+             "print(cpu.int4_mm(x, w, sz, 32).float().sum().item(), "
+             "cpu.int8_mm(x, q, torch.rand(64).bfloat16()).float().sum().item())")
+    outputs = set()
+    for setting in ("nta:8192", "t0:2048", "t1:0"):
+        env = {**os.environ, "MODELCODE_INT8_PREFETCH": setting, "MODELCODE_INT4_PREFETCH": setting}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
 
 
 @pytest.mark.parametrize("vendor, family, hint", [("AuthenticAMD", "25", "none"), ("AuthenticAMD", "26", "t1"),
