@@ -82,10 +82,11 @@ def main() -> None:
                                          for run, b in zip(r["runs"], results[base]["runs"]))
     print(f"{args.model}, batch 1, compiled, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
           f"{args.repeats} interleaved rounds; roofline {min(roofline.readings):.1f}-{max(roofline.readings):.1f} GB/s")
-    print(f"{'variant':>16} {'decode tok/s':>12} {'GB/step':>8} {'GB/s':>6} {'% roofline':>10} {f'vs {base}':>8}")
+    print(f"{'variant':>16} {'decode tok/s':>12} {'GB/step':>8} {'GB/s':>6} {'% roofline':>10} {f'vs {base}':>8} "
+          f"{'TTFT ms':>8}")
     for variant, r in results.items():
         print(f"{variant:>16} {r['decode_tok_s']:12.1f} {r['bytes_per_step'] / 1e9:8.3f} {r['gbps']:6.1f} "
-              f"{r['roofline_pct']:10.0f} {r['speedup']:7.2f}x")
+              f"{r['roofline_pct']:10.0f} {r['speedup']:7.2f}x {r['ttft_ms']:8.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(settings=vars(args), machine=machine(torch.device("cpu")),

@@ -118,11 +118,14 @@ def layer_kernels(model: torch.nn.Module) -> dict[str, str]:
     by their members)."""
     isa = getattr(loaded_build(), "label", "")
     amx = ", AMX from 5 rows" if amx_available() else ""
+    # prompts of int8 and int4 layers: their weights dequantized 64 outputs at a time for modelcode's bf16 kernel
+    # (AVX-512), or whole for PyTorch's matmul (AVX2)
+    prompt = f" for modelcode bf16{amx}" if isa == "AVX-512" else ", PyTorch matmul"
     kinds = {torch.nn.Linear: "PyTorch matmul", PackedBF16Linear: f"modelcode bf16 ({isa}{amx})",
              Int8Linear: "PyTorch _weight_int8pack_mm (1-16 rows)", Int4Linear: "dequantized, PyTorch matmul",
-             PackedInt8Linear: f"modelcode int8 ({isa}, 1-16 rows)"}
-    int4 = {"modelcode-cpu": f"modelcode int4 ({isa}, 1-16 rows)", "cpu": "PyTorch int4 (CPU)",
-            "cuda": "PyTorch int4 (tinygemm)",
+             PackedInt8Linear: f"modelcode int8 ({isa}, 1-16 rows; more: dequantized{prompt})"}
+    int4 = {"modelcode-cpu": f"modelcode int4 ({isa}, 1-16 rows; more: dequantized{prompt})",
+            "cpu": "PyTorch int4 (CPU)", "cuda": "PyTorch int4 (tinygemm)",
             "triton": "modelcode int4, Triton (1-16 rows)"}
     out = {}
     for name, m in model.named_modules():

@@ -95,21 +95,35 @@ bool amx_ready() {
   return ready;
 }
 
+namespace {
+
+// All M rows of x times one block's weights, the tiles configured for `configured` rows (0: none yet) on entry.
+void block_all_rows(const at::BFloat16* x, const uint8_t* wb, at::BFloat16* y, int64_t M, int64_t K, int64_t ldy,
+                    int64_t& configured) {
+  float sums[kMaxRows * 64];
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, M - m0);
+    if (rows != configured) configure(configured = rows);  // the tiles' shapes are per thread
+    block_rows(x + m0 * K, K, wb, sums);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int b = 0; b < 4; ++b) store_bf16(y + (m0 + r) * ldy + 16 * b, _mm512_loadu_ps(sums + 64 * r + 16 * b));
+    }
+  }
+}
+
+}  // namespace
+
 void amx_bf16_mm(const at::BFloat16* x, const uint8_t* w, at::BFloat16* y, int64_t M, int64_t K, int64_t N) {
   // Each thread takes blocks of 64 outputs; their weights (64 x K) stay in its L2 while every 16 rows read them.
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
-    float sums[kMaxRows * 64];
     int64_t configured = 0;
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m0);
-        if (rows != configured) configure(configured = rows);  // the tiles' shapes are per thread
-        block_rows(x + m0 * K, K, w + nb * 128 * K, sums);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int b = 0; b < 4; ++b) store_bf16(y + (m0 + r) * N + nb * 64 + 16 * b, _mm512_loadu_ps(sums + 64 * r + 16 * b));
-        }
-      }
-    }
+    for (int64_t nb = begin; nb < end; ++nb) block_all_rows(x, w + nb * 128 * K, y + nb * 64, M, K, N, configured);
     if (configured) release();
   });
+}
+
+void amx_bf16_block(const at::BFloat16* x, const uint8_t* wb, at::BFloat16* y, int64_t M, int64_t K, int64_t ldy) {
+  int64_t configured = 0;
+  block_all_rows(x, wb, y, M, K, ldy, configured);
+  if (configured) release();
 }

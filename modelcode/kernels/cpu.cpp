@@ -284,6 +284,80 @@ void dot_32_rows(const at::BFloat16* const* x, const float* const* xsum, const u
   }
 }
 
+// The two bfloat16 halves of each 32-bit lane: lo in the low 16 bits, hi in the high (an input pair of bf16_mm's).
+inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i high = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
+// int8, many rows: one block of 64 outputs' weights (codes wb, scales s) as bfloat16 in `bf16_mm`'s layout, at out
+// (K/2, 4, 16, 2): a line of codes is 16 outputs x 4 inputs, the layout's 64 bytes of two input pairs for that block.
+// Each code q becomes q s, rounded to bfloat16 as dequantize_int8 rounds it.
+void dequantize_int8_block(const uint8_t* wb, const at::BFloat16* s, int64_t K, uint8_t* out) {
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));  // 128 + q -> q, signed
+  __m512 scale[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) scale[b] = load_bf16(s + 16 * b);
+  for (int64_t c = 0; c < K / 4; ++c) {  // inputs 4c .. 4c+3
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wb + (c * kBlocks + b) * 64), flip);
+      __m512 w[4];  // byte j of each lane, input 4c + j, times the output's scale
+      for (int j = 0; j < 4; ++j) {
+        w[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24)), scale[b]);
+      }
+      for (int h = 0; h < 2; ++h) {
+        _mm512_storeu_si512(out + ((2 * c + h) * kBlocks + b) * 64, bf16_pairs(w[2 * h], w[2 * h + 1]));
+      }
+    }
+  }
+}
+
+// int4, many rows: one block of 64 outputs' weights (wb, scales and zeros sb) as bfloat16 in `bf16_mm`'s layout, at
+// out (K/2, 4, 16, 2): each pair vector of `int4_pairs` is already 16 outputs x an input pair, the layout's 64 bytes
+// for that pair and block; its codes become (q - 8) s + z, rounded to bfloat16 as int4_dequantize rounds them.
+void dequantize_int4_block(const uint8_t* wb, const at::BFloat16* sb, int64_t K, int64_t gs, uint8_t* out) {
+  const __m512 offset = _mm512_set1_ps(136.0f);  // 128 + 8 (see int4_pairs)
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t g = 0; g < K / gs; ++g) {
+    __m512 s[kBlocks], z[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) s[b] = load_bf16(sb + 128 * g + 16 * b), z[b] = load_bf16(sb + 128 * g + 64 + 16 * b);
+    for (int64_t c = g * gs / 8; c < (g + 1) * gs / 8; ++c) {
+      for (int b = 0; b < kBlocks; ++b) {
+        __m512bh p[4];
+        int4_pairs(_mm512_loadu_si512(wb + c * 64 * kBlocks + 64 * b), p);
+        for (int h = 0; h < 4; ++h) {  // input pair 4c + h: 128 + q of its even input in each low half, odd in high
+          const __m512i v = (__m512i)p[h];
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+          _mm512_storeu_si512(out + ((4 * c + h) * kBlocks + b) * 64,
+                              bf16_pairs(_mm512_fmadd_ps(_mm512_sub_ps(even, offset), s[b], z[b]),
+                                         _mm512_fmadd_ps(_mm512_sub_ps(odd, offset), s[b], z[b])));
+        }
+      }
+    }
+  }
+}
+
+// bfloat16, every row of x (M, K) times one block's weights wb in bf16_mm's layout: y (M, 64), rows ldy apart. On
+// AMX from kAmxMinRows rows where the CPU has it, else 4 rows at a time on the vector kernel; on the calling thread.
+void bf16_block_all_rows(const at::BFloat16* x, const uint8_t* wb, at::BFloat16* y, int64_t M, int64_t K,
+                         int64_t ldy) {
+  if (M >= kAmxMinRows && K % 32 == 0 && amx_ready()) {
+    amx_bf16_block(x, wb, y, M, K, ldy);
+    return;
+  }
+  for (int64_t m = 0; m < M; m += 4) {  // the whole of K in one run (the weights are in cache): no carried sums
+    const at::BFloat16* xm = x + m * K;
+    at::BFloat16* ym = y + m * ldy;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: dot_64_bf16<1>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
+      case 2: dot_64_bf16<2>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
+      case 3: dot_64_bf16<3>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
+      default: dot_64_bf16<4>(xm, K, wb, 0, K / 2, nullptr, ym, ldy);
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
@@ -365,4 +439,47 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
     }
   });
   return y;
+}
+
+// int8 and int4, many rows (a prompt): arithmetic, not reading the weights, bounds it, and the vector kernels, which
+// unpack every code again for each row or 4 rows, lose to bfloat16's. So each thread takes a 64-output block at a
+// time, dequantizes its weights to bfloat16 in bf16_mm's layout (`dequantize(nb, out)`: 64 x K, 256 KB at K = 2048,
+// which stays in L2), and multiplies every row by them as bf16_mm does (AMX where the CPU has it): the weights are
+// read once, and never written out whole.
+template <class Dequantize>
+torch::Tensor by_dequantized_blocks(const torch::Tensor& x, int64_t N, Dequantize dequantize) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> block(128 * K);  // one block's weights as bfloat16
+    for (int64_t nb = begin; nb < end; ++nb) {
+      dequantize(nb, block.data());
+      bf16_block_all_rows(xp, block.data(), yp + nb * 64, M, K, N);
+    }
+  });
+  return y;
+}
+
+torch::Tensor int8_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
+  check_int8_mm(x, w, scales);
+  const int64_t K = x.size(1), N = w.size(0) * 64;
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = scales.data_ptr<at::BFloat16>();
+  return by_dequantized_blocks(x, N, [&](int64_t nb, uint8_t* out) {
+    dequantize_int8_block(wp + nb * 64 * K, sp + nb * 64, K, out);
+  });
+}
+
+torch::Tensor int4_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz,
+                              int64_t group_size) {
+  check_int4_mm(x, w, sz, group_size);
+  const int64_t K = x.size(1), N = w.size(0) * 64, groups = K / group_size;
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = sz.data_ptr<at::BFloat16>();
+  return by_dequantized_blocks(x, N, [&](int64_t nb, uint8_t* out) {
+    dequantize_int4_block(wp + nb * 32 * K, sp + nb * 128 * groups, K, group_size, out);
+  });
 }

@@ -187,6 +187,14 @@ def kernels_available() -> bool:
     def _(x, w, sz, group_size):  # the output's shape, for torch.compile
         return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
 
+    @torch.library.register_fake("modelcode::int8_prefill_mm")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
+
+    @torch.library.register_fake("modelcode::int4_prefill_mm")
+    def _(x, w, sz, group_size):
+        return x.new_empty(x.shape[0], w.shape[0] * OUTPUTS_PER_BLOCK)
+
     @torch.library.register_fake("modelcode::int4_dequantize")
     def _(w, sz, group_size):
         return sz.new_empty(w.shape[0] * OUTPUTS_PER_BLOCK, w.shape[1] * 8)
@@ -296,8 +304,14 @@ def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, K) bfloat16 activations x the packed int8 weight, times (N,) bfloat16 row scales -> (M, N) bfloat16."""
+    """(M, K) bfloat16 activations x the packed int8 weight, times (N,) bfloat16 row scales -> (M, N) bfloat16: for a
+    few rows (decoding)."""
     return torch.ops.modelcode.int8_mm(x, w, scales)
+
+
+def int8_prefill_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`int8_mm` for many rows (a prompt), by way of the bfloat16 weight q s, as `int4_prefill_mm`."""
+    return torch.ops.modelcode.int8_prefill_mm(x, w, scales)
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,5 +340,12 @@ def dequantize_packed(w: torch.Tensor, sz: torch.Tensor, group_size: int) -> tor
 
 
 def int4_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(M, K) bfloat16 activations x the packed int4 weight -> (M, N) bfloat16."""
+    """(M, K) bfloat16 activations x the packed int4 weight -> (M, N) bfloat16: for a few rows (decoding)."""
     return torch.ops.modelcode.int4_mm(x, w, sz, group_size)
+
+
+def int4_prefill_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`int4_mm` for many rows (a prompt): with AVX-512, 64 outputs at a time dequantized to bfloat16 in cache and
+    multiplied as `bf16_mm` multiplies (AMX where the CPU has it); with AVX2, the weight dequantized whole for
+    PyTorch's matmul."""
+    return torch.ops.modelcode.int4_prefill_mm(x, w, sz, group_size)

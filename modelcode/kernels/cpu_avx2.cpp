@@ -349,3 +349,18 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   });
   return y;
 }
+
+// Many rows (a prompt): the weight dequantized whole (as `unpack_int8` and `dequantize_int8` in Python do) for
+// PyTorch's matmul.
+torch::Tensor int8_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales) {
+  check_int8_mm(x, w, scales);
+  const int64_t K = x.size(1), N = w.size(0) * 64;
+  const torch::Tensor q = w.permute({0, 2, 3, 1, 4}).reshape({N, K}).bitwise_xor(128).view(at::kChar);
+  return at::linear(x, q.to(at::kBFloat16) * scales.unsqueeze(1));
+}
+
+torch::Tensor int4_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz,
+                              int64_t group_size) {
+  check_int4_mm(x, w, sz, group_size);
+  return at::linear(x, int4_dequantize(w, sz, group_size));
+}

@@ -86,6 +86,8 @@ TORCH_LIBRARY(modelcode, m) {
   m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
+  m.def("int8_prefill_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int4_prefill_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
   m.def("amx_ready() -> bool", &amx_ready);
 }
@@ -93,5 +95,7 @@ TORCH_LIBRARY_IMPL(modelcode, CPU, m) {
   m.impl("bf16_mm", &bf16_mm);
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("int8_prefill_mm", &int8_prefill_mm);
+  m.impl("int4_prefill_mm", &int4_prefill_mm);
   m.impl("int4_dequantize", &int4_dequantize);
 }

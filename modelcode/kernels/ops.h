@@ -62,6 +62,12 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales);
 // x (M, K) bfloat16, w (N/64, K/8, 4, 64) uint8, sz (N/64, K/gs, 2, 64) bfloat16 -> (M, N) bfloat16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size);
+// The same int8 and int4 products for many rows (a prompt), by way of bfloat16 weights (see cpu.cpp).
+torch::Tensor int8_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales);
+torch::Tensor int4_prefill_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz,
+                              int64_t group_size);
+// w and sz as int4_mm takes them -> the (N, K) weight they hold, in sz's dtype (ops.cpp).
+torch::Tensor int4_dequantize(const torch::Tensor& w, const torch::Tensor& sz, int64_t group_size);
 // Whether bf16_mm runs batches and prompts on AMX (amx.cpp); never in the AVX2 build.
 bool amx_ready();
 

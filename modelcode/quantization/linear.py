@@ -23,8 +23,10 @@ from modelcode.kernels.cpu import (
     OUTPUTS_PER_BLOCK,
     dequantize_packed,
     int4_mm,
+    int4_prefill_mm,
     int8_fits,
     int8_mm,
+    int8_prefill_mm,
     kernels_available,
     pack_int4,
     pack_int8,
@@ -128,8 +130,9 @@ class Int8Linear(nn.Module):
 class PackedInt8Linear(nn.Module):
     """`Int8Linear` with its weight rearranged for modelcode's CPU kernel (kernels/cpu.cpp: `vpdpbusd` with 16
     outputs in the lanes of each instruction), for up to `INT8_KERNEL_MAX_ROWS` rows of bfloat16 activations;
-    past that (prefill) the weight is put back in order for a dense matmul. It streams the codes about twice as
-    fast as PyTorch's `_weight_int8pack_mm`, which converts each code to float (see BENCHMARKS.md)."""
+    past that (prefill) the weight is dequantized to bfloat16 for a dense matmul (in C++: with AVX-512 64 outputs at
+    a time, in cache), as are activations of other dtypes. It streams the codes about twice as fast as PyTorch's
+    `_weight_int8pack_mm`, which converts each code to float (see BENCHMARKS.md)."""
 
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
     outputs_stack = True  # its tensors stack along the outputs into one layer of this kind (kernels/fuse.py)
@@ -143,9 +146,9 @@ class PackedInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.dtype == torch.bfloat16 and rows <= self.kernel_max_rows:
-            y = int8_mm(x.reshape(rows, self.in_features), self.weight, self.scales).view(*x.shape[:-1],
-                                                                                        self.out_features)
+        if x.dtype == torch.bfloat16:
+            mm = int8_mm if rows <= self.kernel_max_rows else int8_prefill_mm
+            y = mm(x.reshape(rows, self.in_features), self.weight, self.scales).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, unpack_int8(self.weight).to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
@@ -274,7 +277,8 @@ class PackedInt4Linear(nn.Module):
 
     x86 CPU with AVX-512 or AVX2, bfloat16: modelcode's kernel (kernels/cpu.cpp) for up to `INT4_KERNEL_MAX_ROWS`
     rows (decoding), ~1.4x faster than PyTorch's at one row; more rows (prefill) dequantize the weight (in
-    C++) and run a dense bfloat16 matmul, which PyTorch's packed layout does not allow.
+    C++: with AVX-512 64 outputs at a time, in cache) for a dense bfloat16 matmul, which PyTorch's packed layout
+    does not allow.
 
     CUDA with triton (bfloat16 or float16, Ampere or newer): modelcode's kernel (kernels/triton_gemv.py) on the
     portable layout, scales and zeros side by side in one (out, in/group_size, 2) tensor, for up to
@@ -330,10 +334,11 @@ class PackedInt4Linear(nn.Module):
             y = triton_gemv().int4_gemv(rows, self.weight, *self.scales_and_zeros.unbind(-1), self.group_size)
         elif self.kernel == "triton":
             y = F.linear(rows, dequantize_int4(self.weight, *self.scales_and_zeros.unbind(-1)).to(x.dtype))
-        elif self.kernel == "modelcode-cpu" and (rows.shape[0] > self.kernel_max_rows or x.dtype != torch.bfloat16):
+        elif self.kernel == "modelcode-cpu" and x.dtype != torch.bfloat16:
             y = F.linear(rows, dequantize_packed(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
         elif self.kernel == "modelcode-cpu":
-            y = int4_mm(rows, self.weight, self.scales_and_zeros, self.group_size)
+            mm = int4_mm if rows.shape[0] <= self.kernel_max_rows else int4_prefill_mm
+            y = mm(rows, self.weight, self.scales_and_zeros, self.group_size)
         else:
             mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu"
                   else torch.ops.aten._weight_int4pack_mm)

@@ -1,6 +1,8 @@
 """Quantized Linear layers: the quantizers' error bounds, and every kernel path against the matmul with the
 dequantized weight."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,45 @@ def test_our_int4_cpu_kernel_matches_dequantized_matmul(group_size):
     x = torch.randn(7, 512).bfloat16()
     together = packed(x)
     assert all(torch.equal(together[i:i + 1], packed(x[i:i + 1])) for i in range(7))
+
+
+@OUR_KERNELS
+@pytest.mark.parametrize("mode", ["int8", "int4-32", "int4-128"])
+def test_our_prompt_path_is_the_bf16_kernel_on_the_dequantized_weight(mode):
+    """More rows than the int8 and int4 kernels take (a prompt): the weight dequantized to bfloat16, with AVX-512 64
+    outputs at a time, multiplied as `bf16_mm` multiplies (AMX where the CPU has it): the same bits as `bf16_mm` on
+    the whole dequantized weight; with AVX2, PyTorch's matmul on it."""
+    from modelcode.kernels.cpu import (
+        bf16_mm,
+        dequantize_packed,
+        int4_prefill_mm,
+        int8_prefill_mm,
+        loaded_build,
+        pack_bf16,
+        pack_int4,
+        pack_int8,
+    )
+
+    torch.manual_seed(0)
+    n, k = 192, 512
+    if mode == "int8":
+        codes, scales = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n).bfloat16() / 64
+        w = pack_int8(codes)
+        dense = dequantize_int8(codes, scales)
+        prefill = functools.partial(int8_prefill_mm, w=w, scales=scales)
+    else:
+        group_size = int(mode.split("-")[1])
+        scales, zeros = torch.rand(2, n, k // group_size).bfloat16() / 64
+        w, sz = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8), scales, zeros)
+        dense = dequantize_packed(w, sz, group_size)
+        prefill = functools.partial(int4_prefill_mm, w=w, sz=sz, group_size=group_size)
+    x = torch.randn(40, k).bfloat16()
+    ref = x.double() @ dense.double().T
+    for rows in (1, 4, 5, 17, 40):  # the vector kernel's rows, AMX's (where the CPU has it), AMX's tiles cut short
+        y = prefill(x[:rows])
+        if loaded_build().label == "AVX-512":
+            assert torch.equal(y, bf16_mm(x[:rows], pack_bf16(dense))), rows
+        torch.testing.assert_close(y.double(), ref[:rows], atol=8e-3 * ref.abs().max().item(), rtol=0)
 
 
 @OUR_KERNELS
