@@ -3,8 +3,9 @@
 A quantized weight streams in fewer bytes but costs more arithmetic per byte, so on a CPU whose cores are slow
 beside its memory the quantized kernel can lose to the bfloat16 one (see BENCHMARKS.md). Decoding should never
 be slower for having quantized, so before the decoding kernels are installed, each mode's layer is timed once
-per machine against a bfloat16 layer of the same shape, on weights too large for the caches, and where the
-quantized one loses, the model's layers of that mode are dequantized to bfloat16: more memory, faster steps.
+per machine against a bfloat16 layer of the same shape, on weights too large for the caches (on huge pages, as
+decoding keeps them), and where the quantized one loses, the model's layers of that mode are dequantized to
+bfloat16: more memory, faster steps.
 The timings are kept per CPU model and kernel build; MODELCODE_KEEP_QUANTIZED=1 keeps the quantized layers.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from modelcode.kernels import Installed, install_cpu_kernels, install_gpu_kernels
 from modelcode.kernels.cpu import build_directory, cpuinfo
 from modelcode.kernels.linear import pack_bf16_linears
+from modelcode.kernels.pages import move_to_huge_pages
 from modelcode.quantization.linear import Int4Linear, Int8Linear, PackedInt4Linear, dequantized_weight
 from modelcode.quantization.quantize import QUANTIZED, layer_scheme
 from modelcode.swap import replace_module
@@ -67,6 +69,8 @@ def measure(mode: str, stack_bytes: int = STACK_BYTES) -> Timing:
     stacks = {kind: nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(n - 1)])
               for kind, layer in (("quantized", quantized.pack()), ("bf16", linear))}
     pack_bf16_linears(stacks["bf16"])
+    for layers in stacks.values():  # where decoding keeps its weights (`install_cpu_kernels`)
+        move_to_huge_pages(layers)
     best = {k: float("inf") for k in stacks}
     with torch.inference_mode():
         for _ in range(5):
