@@ -27,7 +27,7 @@ from modelcode.bench.speculation import bench_speculation
 from modelcode.bench.subjects import hf_twin, random_model, weight_bytes
 from modelcode.generation.compile import CompiledModel
 from modelcode.kernels import Installed, PackedBF16Linear
-from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, loaded_build
+from modelcode.kernels.cpu import amx_available, cpu_flags, cpuinfo, loaded_build, loaded_prefetch
 from modelcode.loading import load_model, registry, resolve_dtype
 from modelcode.loading.loader import resolve_device
 from modelcode.quantization import Int4Linear, Int8Linear, PackedInt4Linear, PackedInt8Linear
@@ -98,8 +98,7 @@ def machine(device: torch.device) -> dict:
     family = "/".join(filter(None, (cpuinfo("cpu family"), cpuinfo("model"))))
     info = dict(cpu=cpu, cpu_family_model=family, cpu_vendor=cpuinfo("vendor_id"), cpu_flags=flags,
                 cpu_kernels=getattr(loaded_build(), "label", None),
-                cpu_kernel_prefetch={kernel: os.environ.get(f"MODELCODE_{kernel.upper()}_PREFETCH")  # as loaded
-                                     for kernel in ("bf16", "int8", "int4")} if loaded_build() else None,
+                cpu_kernel_prefetch=loaded_prefetch(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 platform=platform.platform(), date=datetime.datetime.now().isoformat(timespec="seconds"))
     if device.type == "cuda":

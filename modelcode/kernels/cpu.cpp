@@ -338,23 +338,31 @@ void dequantize_int4_block(const uint8_t* wb, const at::BFloat16* sb, int64_t K,
   }
 }
 
-// bfloat16, every row of x (M, K) times one block's weights wb in bf16_mm's layout: y (M, 64), rows ldy apart. On
-// AMX from kAmxMinRows rows where the CPU has it, else 4 rows at a time on the vector kernel; on the calling thread.
+// bfloat16: whether M rows of K inputs go to AMX (amx.cpp) rather than the vector kernel.
+bool amx_takes(int64_t M, int64_t K) { return M >= kAmxMinRows && K % 32 == 0 && amx_ready(); }
+
+// bfloat16 on the vector kernel: up to 4 of the `rows` rows from xm at once (each weight line, once loaded, serves
+// them all), as `dot_64_bf16` takes them; returns how many it took.
+int64_t dot_64_bf16_rows(const at::BFloat16* xm, int64_t rows, int64_t K, const uint8_t* wb, int64_t c0, int64_t c1,
+                         float* sums, at::BFloat16* ym, int64_t ldy) {
+  switch (std::min<int64_t>(4, rows)) {
+    case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sums, ym, ldy); return 1;
+    case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sums, ym, ldy); return 2;
+    case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sums, ym, ldy); return 3;
+    default: dot_64_bf16<4>(xm, K, wb, c0, c1, sums, ym, ldy); return 4;
+  }
+}
+
+// bfloat16, every row of x (M, K) times one block's weights wb in bf16_mm's layout: y (M, 64), rows ldy apart, as
+// bf16_mm computes them (AMX or the vector kernel); on the calling thread.
 void bf16_block_all_rows(const at::BFloat16* x, const uint8_t* wb, at::BFloat16* y, int64_t M, int64_t K,
                          int64_t ldy) {
-  if (M >= kAmxMinRows && K % 32 == 0 && amx_ready()) {
+  if (amx_takes(M, K)) {
     amx_bf16_block(x, wb, y, M, K, ldy);
     return;
   }
-  for (int64_t m = 0; m < M; m += 4) {  // the whole of K in one run (the weights are in cache): no carried sums
-    const at::BFloat16* xm = x + m * K;
-    at::BFloat16* ym = y + m * ldy;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: dot_64_bf16<1>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
-      case 2: dot_64_bf16<2>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
-      case 3: dot_64_bf16<3>(xm, K, wb, 0, K / 2, nullptr, ym, ldy); break;
-      default: dot_64_bf16<4>(xm, K, wb, 0, K / 2, nullptr, ym, ldy);
-    }
+  for (int64_t m = 0; m < M;) {  // the whole of K in one run (the weights are in cache): no carried sums
+    m += dot_64_bf16_rows(x + m * K, M - m, K, wb, 0, K / 2, nullptr, y + m * ldy, ldy);
   }
 }
 
@@ -368,18 +376,13 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr<at::BFloat16>());
   auto* yp = y.data_ptr<at::BFloat16>();
-  if (M >= kAmxMinRows && K % 32 == 0 && amx_ready()) {
+  if (amx_takes(M, K)) {
     amx_bf16_mm(xp, wp, yp, M, K, N);
     return y;
   }
   bf16_runs(xp, wp, yp, M, K, N, [&](const at::BFloat16* xm, int64_t rows, const uint8_t* wb, int64_t c0, int64_t c1,
-                                     float* sums, at::BFloat16* ym) -> int64_t {
-    switch (std::min<int64_t>(4, rows)) {  // each weight line, once loaded, serves up to 4 rows
-      case 1: dot_64_bf16<1>(xm, K, wb, c0, c1, sums, ym, N); return 1;
-      case 2: dot_64_bf16<2>(xm, K, wb, c0, c1, sums, ym, N); return 2;
-      case 3: dot_64_bf16<3>(xm, K, wb, c0, c1, sums, ym, N); return 3;
-      default: dot_64_bf16<4>(xm, K, wb, c0, c1, sums, ym, N); return 4;
-    }
+                                     float* sums, at::BFloat16* ym) {
+    return dot_64_bf16_rows(xm, rows, K, wb, c0, c1, sums, ym, N);
   });
   return y;
 }

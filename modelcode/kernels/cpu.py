@@ -81,6 +81,11 @@ def chosen_build() -> Build:
     return BUILDS[instruction_set() or "avx512"]
 
 
+def prefetch_variable(kernel: str) -> str:
+    """The environment variable that tells the library how the kernel ("bf16", "int8", "int4") prefetches."""
+    return f"MODELCODE_{kernel.upper()}_PREFETCH"
+
+
 QUANTIZED_PREFETCH = {  # vendor -> kernel -> how its weights are asked for ahead, "hint:bytes" (see ops.h)
     "AuthenticAMD": {"int8": "nta:8192", "int4": "nta:8192"},
     "": {"int8": "t1:4096", "int4": "t0:2048"},  # Intel's, and every other vendor's cores
@@ -92,7 +97,7 @@ def quantized_prefetch(kernel: str) -> str:
     MODELCODE_INT4_PREFETCH says, else by the CPU's vendor: non-temporally 8 KB ahead on AMD's cores; on Intel's
     server cores, where non-temporal lines stream at half speed, int4 2 KB ahead into L1 ("t0:2048"), int8 4 KB
     ahead into L2 ("t1:4096")."""
-    variable = f"MODELCODE_{kernel.upper()}_PREFETCH"
+    variable = prefetch_variable(kernel)
     vendor = cpuinfo("vendor_id")
     chosen = os.environ.get(variable) or QUANTIZED_PREFETCH.get(vendor, QUANTIZED_PREFETCH[""])[kernel]
     hint, _, ahead = chosen.partition(":")
@@ -107,7 +112,7 @@ def bf16_prefetch() -> str:
     CPU: not at all ("none") on AMD's Zen 4 (family 25), whose hardware prefetcher alone streams faster, a run ahead
     into L2 ("t1") elsewhere."""
     zen4 = cpuinfo("vendor_id") == "AuthenticAMD" and cpuinfo("cpu family") == "25"
-    chosen = os.environ.get("MODELCODE_BF16_PREFETCH") or ("none" if zen4 else "t1")
+    chosen = os.environ.get(prefetch_variable("bf16")) or ("none" if zen4 else "t1")
     if chosen not in ("none", "t1"):
         raise ValueError(f"MODELCODE_BF16_PREFETCH={chosen!r}: give none or t1 (or unset it to choose by the CPU)")
     return chosen
@@ -146,9 +151,8 @@ def kernels_available() -> bool:
     from torch.utils.cpp_extension import load
 
     # The library reads it once as it loads, so the choice is made here, for this process and what it starts.
-    for kernel in ("int8", "int4"):
-        os.environ[f"MODELCODE_{kernel.upper()}_PREFETCH"] = quantized_prefetch(kernel)
-    os.environ["MODELCODE_BF16_PREFETCH"] = bf16_prefetch()
+    os.environ.update({prefetch_variable(kernel): how for kernel, how in (
+        ("bf16", bf16_prefetch()), ("int8", quantized_prefetch("int8")), ("int4", quantized_prefetch("int4")))})
     build, folder = chosen_build(), build_directory()
     failed = folder / "build-failed.log"
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,6 +216,13 @@ def loaded_build() -> Build | None:
     """The build this process loaded (fixed once loaded: the CPU is not asked again), None where the kernels do not
     run here."""
     return chosen_build() if kernels_available() else None
+
+
+def loaded_prefetch() -> dict[str, str] | None:
+    """How each kernel prefetches in this process, as the library read it when it loaded; None where the kernels
+    do not run here."""
+    return {kernel: os.environ[prefetch_variable(kernel)] for kernel in ("bf16", "int8", "int4")} \
+        if loaded_build() else None
 
 
 def why_unavailable() -> str | None:
